@@ -1,0 +1,91 @@
+"""The only module that touches JAX's private PJRT plumbing (`jax._src...`, `jaxlib._jax`).
+
+These names move between jax releases; keeping them here means one file to fix and
+one test file (tests/test_pjrt.py) that says when they moved. Everything above this
+module speaks in public types: text, numpy arrays, jax.Arrays, NamedShardings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+
+def _jax() -> tuple[Any, Any, Any]:
+    import jax
+    from jax._src import compiler, xla_bridge
+    from jax._src.lib import _jax as xc
+
+    return jax, compiler, (xla_bridge, xc)
+
+
+def devices_for(device_ids: Sequence[int]) -> list[Any]:
+    """jax devices with these ids, in this order (raises naming the missing ids)."""
+    import jax
+
+    by_id = {d.id: d for d in jax.devices()}
+    missing = [i for i in device_ids if i not in by_id]
+    if missing:
+        raise RuntimeError(
+            f"devices {missing} do not exist (this process has {len(by_id)}: {sorted(by_id)}); on CPU set "
+            "XLA_FLAGS=--xla_force_host_platform_device_count=N before jax is imported"
+        )
+    return [by_id[i] for i in device_ids]
+
+
+def compile_options(devices: Sequence[Any]) -> Any:
+    """XLA compile options for one SPMD program over `devices` (partitions, no replicas)."""
+    _, compiler, (xla_bridge, _) = _jax()
+    opts = compiler.get_compile_options(
+        num_replicas=1,
+        num_partitions=len(devices),
+        device_assignment=np.array(devices).reshape(1, len(devices)),
+        backend=xla_bridge.get_backend(),
+    )
+    opts.executable_build_options.use_spmd_partitioning = True
+    return opts
+
+
+def compile_text(text: str, devices: Sequence[Any]) -> Any:
+    """Compiles a StableHLO module (text) into a loaded executable on `devices`."""
+    _, _, (xla_bridge, xc) = _jax()
+    client = xla_bridge.get_backend()
+    return client.compile_and_load(text, xc.DeviceList(tuple(devices)), compile_options(devices))
+
+
+def execute(executable: Any, args: Sequence[Any], out_shardings: Sequence[Any], out_avals: Sequence[Any]) -> list[Any]:
+    """Runs `executable` on jax.Arrays already laid out as it expects; returns jax.Arrays.
+
+    The caller must have checked every argument (shape, dtype, sharding, devices, no
+    array twice): on several devices a mismatch here ends the process (RUNTIME-NOTES Q1).
+    """
+    _, _, (_, xc) = _jax()
+    results = executable.execute_sharded(list(args))
+    handlers = [xc.array_result_handler(aval, sharding, committed=True, _skip_checks=True)
+                for aval, sharding in zip(out_avals, out_shardings)]
+    return list(results.consume_with_handlers(handlers))
+
+
+def hlo_text(executable: Any) -> str:
+    """The optimized HLO of a compiled executable (what XLA will run)."""
+    return "\n".join(m.to_string() for m in executable.hlo_modules())
+
+
+def shaped_array(shape: Sequence[int], dtype: Any) -> Any:
+    from jax.core import ShapedArray
+
+    return ShapedArray(tuple(shape), np.dtype(dtype))
+
+
+def device_put(value: Any, sharding: Any) -> Any:
+    """`jax.device_put` that keeps 64-bit dtypes (iterations is int64, as in tf_keras).
+
+    JAX truncates int64 to int32 unless x64 is on; the step's state must keep its
+    dtype, so the transfer runs with x64 enabled just for this call.
+    """
+    import jax
+
+    with jax.enable_x64(True):
+        return jax.device_put(value, sharding)

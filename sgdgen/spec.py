@@ -1,0 +1,382 @@
+"""Mesh, Layout and VarSpec: the DTensor vocabulary of sgdgen and its conversions.
+
+A `Mesh` names device axes; a `Layout` says, per tensor dimension, which mesh axes
+shard it (DTensor `sharding_specs`, or a `PartitionSpec`); a `VarSpec` is one
+variable's name, shape, dtype and layout. They convert to the three forms the
+pipeline needs: `#sdy.sharding` text for the generator, the `mhlo.sharding`
+string for HLO, and `jax.sharding.NamedSharding` for the runtime.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+UNSHARDED = "unsharded"
+
+#: dtypes a variable may have, by canonical name, with the MLIR element type.
+MLIR_ELEMENT_TYPES: dict[str, str] = {
+    "float16": "f16",
+    "bfloat16": "bf16",
+    "float32": "f32",
+    "float64": "f64",
+}
+
+_AXIS_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class SpecError(ValueError):
+    """A mesh, layout or variable description that cannot be used, with the fix."""
+
+
+def canonical_dtype(dtype: Any, *, what: str = "variable") -> str:
+    """Returns the canonical name of a floating dtype, or raises naming `what`."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as e:
+        raise SpecError(f"{what}: unknown dtype {dtype!r}; use one of {sorted(MLIR_ELEMENT_TYPES)}") from e
+    name = "bfloat16" if dt == np.dtype(ml_dtypes.bfloat16) else dt.name
+    if name not in MLIR_ELEMENT_TYPES:
+        raise SpecError(
+            f"{what}: dtype {name} is not supported; SGD updates floating variables only "
+            f"({', '.join(sorted(MLIR_ELEMENT_TYPES))}). Cast the variable to a float type."
+        )
+    return name
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """The NumPy dtype for a canonical dtype name (bfloat16 via ml_dtypes)."""
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """Named device axes with sizes, and the device ids laid out on them (row-major)."""
+
+    axes: tuple[tuple[str, int], ...]
+    device_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        names = [a for a, _ in self.axes]
+        for name, size in self.axes:
+            if not isinstance(name, str) or not _AXIS_NAME.match(name):
+                raise SpecError(f"mesh axis name {name!r} is not an identifier; use letters, digits and '_'")
+            if name == UNSHARDED:
+                raise SpecError(f"mesh axis may not be called {UNSHARDED!r}: that word means 'not sharded' in a layout")
+            if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+                raise SpecError(f"mesh axis {name!r} has size {size!r}; sizes are positive integers")
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise SpecError(f"mesh axis {sorted(dup)[0]!r} is given twice; axis names must be unique")
+        n = self.size
+        if not self.device_ids:
+            object.__setattr__(self, "device_ids", tuple(range(n)))
+        elif len(self.device_ids) != n:
+            raise SpecError(f"mesh {self} has {n} positions but {len(self.device_ids)} device ids were given")
+        elif len(set(self.device_ids)) != n:
+            raise SpecError("mesh device ids must be distinct")
+
+    # ---- constructors -------------------------------------------------------------
+    @classmethod
+    def parse(cls, text: str) -> Mesh:
+        """Parses "batch=2,model=4" (an empty string is the 1-device mesh with no axes)."""
+        axes = []
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            name, sep, size = part.partition("=")
+            if not sep or not size.strip().lstrip("-").isdigit():
+                raise SpecError(f"mesh entry {part!r} is not NAME=SIZE; write a mesh as \"batch=2,model=4\"")
+            axes.append((name.strip(), int(size)))
+        return cls(tuple(axes))
+
+    @classmethod
+    def from_jax(cls, mesh: Any) -> Mesh:
+        """From a `jax.sharding.Mesh`, keeping its device order."""
+        ids = tuple(int(d.id) for d in np.asarray(mesh.devices).flat)
+        return cls(tuple((str(n), int(s)) for n, s in mesh.shape.items()), ids)
+
+    @classmethod
+    def of(cls, mesh: Mesh | str | Mapping[str, int] | Any | None) -> Mesh:
+        """Accepts any form a user may pass: Mesh, "a=2,b=4", {"a": 2}, jax Mesh, or None (1 device)."""
+        if mesh is None:
+            return cls(())
+        if isinstance(mesh, Mesh):
+            return mesh
+        if isinstance(mesh, str):
+            return cls.parse(mesh)
+        if isinstance(mesh, Mapping):
+            return cls(tuple((str(k), v) for k, v in mesh.items()))
+        if hasattr(mesh, "devices") and hasattr(mesh, "axis_names"):
+            return cls.from_jax(mesh)
+        raise SpecError(f"cannot make a mesh from {type(mesh).__name__}; pass \"batch=2,model=4\", a dict or a jax Mesh")
+
+    def __init__(self, axes: Mapping[str, int] | Iterable[tuple[str, int]] = (), device_ids: Sequence[int] = ()):
+        items = tuple(axes.items()) if isinstance(axes, Mapping) else tuple((a, s) for a, s in axes)
+        object.__setattr__(self, "axes", items)
+        object.__setattr__(self, "device_ids", tuple(int(d) for d in device_ids))
+        self.__post_init__()
+
+    # ---- queries ------------------------------------------------------------------
+    @property
+    def axis_names(self) -> tuple[str, ...]:
+        return tuple(a for a, _ in self.axes)
+
+    @property
+    def shape(self) -> dict[str, int]:
+        return dict(self.axes)
+
+    @property
+    def size(self) -> int:
+        return math.prod(s for _, s in self.axes)
+
+    def axis_size(self, name: str) -> int:
+        return self.shape[name]
+
+    def device_array(self) -> np.ndarray:
+        """Device ids as an array of the mesh's shape."""
+        return np.asarray(self.device_ids, dtype=np.int64).reshape([s for _, s in self.axes])
+
+    def __str__(self) -> str:
+        return ",".join(f"{a}={s}" for a, s in self.axes)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"axes": [[a, s] for a, s in self.axes], "device_ids": list(self.device_ids)}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Mesh:
+        return cls(tuple((a, s) for a, s in d["axes"]), d.get("device_ids", ()))
+
+    def sdy_mesh_text(self, name: str = "mesh") -> str:
+        """`sdy.mesh @mesh = <["batch"=2, "model"=4]>` (device ids when not the identity order)."""
+        axes = ", ".join(f'"{a}"={s}' for a, s in self.axes)
+        ids = ""
+        if self.device_ids != tuple(range(self.size)):
+            ids = ", device_ids=[" + ", ".join(map(str, self.device_ids)) + "]"
+        return f"sdy.mesh @{name} = <[{axes}]{ids}>"
+
+    def to_jax(self, devices: Sequence[Any] | None = None) -> Any:
+        """A `jax.sharding.Mesh` over this mesh's device ids (from `jax.devices()` by default)."""
+        import jax
+
+        by_id = {d.id: d for d in (devices if devices is not None else jax.devices())}
+        missing = [i for i in self.device_ids if i not in by_id]
+        if missing:
+            raise SpecError(
+                f"mesh {self} needs devices {missing} but only {sorted(by_id)} exist; on CPU set "
+                "XLA_FLAGS=--xla_force_host_platform_device_count=N before importing jax"
+            )
+        devs = np.array([by_id[i] for i in self.device_ids], dtype=object).reshape([s for _, s in self.axes])
+        return jax.sharding.Mesh(devs, self.axis_names)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Per tensor dimension, the mesh axes that shard it (major to minor); () = unsharded.
+
+    Built from DTensor `sharding_specs` (`["unsharded", "model"]`), or from a
+    `jax.sharding.PartitionSpec` (which may put two axes on one dimension).
+    """
+
+    dims: tuple[tuple[str, ...], ...]
+    mesh: Mesh = field(compare=True)
+
+    def __init__(self, sharding_specs: Sequence[Any] | Any, mesh: Mesh | Any):
+        mesh = Mesh.of(mesh)
+        specs = tuple(sharding_specs)
+        dims = []
+        for s in specs:
+            if s is None or s == UNSHARDED:
+                dims.append(())
+            elif isinstance(s, str):
+                dims.append((s,))
+            elif isinstance(s, (tuple, list)):
+                dims.append(tuple(str(a) for a in s))
+            else:
+                raise SpecError(f"layout entry {s!r} is not a mesh axis name, {UNSHARDED!r} or a tuple of axes")
+        object.__setattr__(self, "dims", tuple(dims))
+        object.__setattr__(self, "mesh", mesh)
+
+    @classmethod
+    def replicated(cls, mesh: Mesh | Any, rank: int) -> Layout:
+        """Every dimension unsharded (DTensor `Layout.replicated`)."""
+        return cls([UNSHARDED] * rank, mesh)
+
+    @property
+    def rank(self) -> int:
+        return len(self.dims)
+
+    @property
+    def sharding_specs(self) -> list[str | tuple[str, ...]]:
+        """DTensor-style specs (a tuple where two axes share a dimension)."""
+        return [UNSHARDED if not d else (d[0] if len(d) == 1 else d) for d in self.dims]
+
+    @property
+    def used_axes(self) -> tuple[str, ...]:
+        return tuple(a for d in self.dims for a in d)
+
+    @property
+    def replicated_axes(self) -> tuple[str, ...]:
+        """Mesh axes over which this layout holds duplicate copies."""
+        used = set(self.used_axes)
+        return tuple(a for a in self.mesh.axis_names if a not in used)
+
+    def shards(self, dim: int) -> int:
+        """How many pieces dimension `dim` is cut into."""
+        return math.prod(self.mesh.axis_size(a) for a in self.dims[dim])
+
+    def local_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """Shape of one device's shard of a tensor of `shape`."""
+        return tuple(n // self.shards(i) for i, n in enumerate(shape))
+
+    def validate(self, shape: Sequence[int], what: str) -> None:
+        """Raises `SpecError` naming `what` if this layout cannot lay out `shape`."""
+        if len(shape) != self.rank:
+            raise SpecError(
+                f"{what}: layout {self.sharding_specs} has rank {self.rank} but the shape {list(shape)} has rank "
+                f"{len(shape)}; give one entry per dimension ('{UNSHARDED}' or a mesh axis)"
+            )
+        seen: set[str] = set()
+        for i, axes in enumerate(self.dims):
+            for a in axes:
+                if a not in self.mesh.shape:
+                    raise SpecError(
+                        f"{what}: layout names mesh axis {a!r} on dimension {i}, but the mesh has axes "
+                        f"{list(self.mesh.axis_names)}; use one of those or '{UNSHARDED}'"
+                    )
+                if a in seen:
+                    raise SpecError(f"{what}: mesh axis {a!r} is used twice in layout {self.sharding_specs}; "
+                                    "an axis may shard one dimension only")
+                seen.add(a)
+            k = self.shards(i)
+            if shape[i] % k:
+                raise SpecError(
+                    f"{what}: dimension {i} of size {shape[i]} is not divisible by {k} "
+                    f"(mesh axes {list(axes)}); pad the dimension to a multiple of {k} or leave it '{UNSHARDED}'"
+                )
+
+    # ---- conversions -----------------------------------------------------------------
+    def sdy_text(self, mesh_name: str = "mesh") -> str:
+        """`#sdy.sharding<@mesh, [{}, {"model"}]>`."""
+        dims = ", ".join("{" + ", ".join(f'"{a}"' for a in d) + "}" for d in self.dims)
+        return f"#sdy.sharding<@{mesh_name}, [{dims}]>"
+
+    def hlo_sharding_text(self) -> str:
+        """The `mhlo.sharding` string, e.g. `{devices=[1,4,2]0,2,4,6,1,3,5,7 last_tile_dim_replicate}`."""
+        if not self.used_axes:
+            return "{replicated}"
+        names = list(self.mesh.axis_names)
+        order = [names.index(a) for a in self.used_axes] + [names.index(a) for a in self.replicated_axes]
+        tiles = [self.shards(i) for i in range(self.rank)]
+        rep = math.prod(self.mesh.axis_size(a) for a in self.replicated_axes)
+        arr = np.asarray(self.mesh.device_ids).reshape([s for _, s in self.mesh.axes]).transpose(order)
+        dims = tiles + ([rep] if rep > 1 else [])
+        ids = ",".join(str(int(x)) for x in arr.reshape(-1))
+        tail = " last_tile_dim_replicate" if rep > 1 else ""
+        return "{devices=[" + ",".join(map(str, dims)) + "]" + ids + tail + "}"
+
+    def partition_spec(self) -> Any:
+        """A `jax.sharding.PartitionSpec`."""
+        from jax.sharding import PartitionSpec
+
+        return PartitionSpec(*[None if not d else (d[0] if len(d) == 1 else d) for d in self.dims])
+
+    def named_sharding(self, jax_mesh: Any | None = None) -> Any:
+        """A `jax.sharding.NamedSharding` on this layout's mesh (or the given jax Mesh)."""
+        from jax.sharding import NamedSharding
+
+        return NamedSharding(jax_mesh if jax_mesh is not None else self.mesh.to_jax(), self.partition_spec())
+
+    @classmethod
+    def from_partition_spec(cls, spec: Any, mesh: Mesh | Any, rank: int) -> Layout:
+        """From a PartitionSpec, padded with unsharded dimensions up to `rank`."""
+        entries = list(spec) + [None] * (rank - len(tuple(spec)))
+        return cls(entries, mesh)
+
+
+@dataclass(frozen=True)
+class VarSpec:
+    """One variable as the compiler sees it: name, global shape, dtype, layout, decay flag."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    layout: Layout
+    decay: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise SpecError(f"variable name must be a non-empty string, got {self.name!r}")
+        what = f"variable {self.name!r}"
+        try:
+            shape = tuple(int(n) for n in self.shape)
+        except (TypeError, ValueError) as e:
+            raise SpecError(f"{what}: shape {self.shape!r} is not a list of integers") from e
+        if any(n < 0 for n in shape):
+            raise SpecError(f"{what}: shape {list(shape)} has a negative dimension")
+        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "dtype", canonical_dtype(self.dtype, what=what))
+        self.layout.validate(shape, what)
+
+    @classmethod
+    def create(cls, name: str, shape: Sequence[int], dtype: Any, mesh: Mesh,
+               layout: Layout | Sequence[Any] | None = None, decay: bool = True) -> VarSpec:
+        """Convenience: layout from specs (None = replicated) on `mesh`."""
+        if layout is None:
+            layout = Layout.replicated(mesh, len(shape))
+        elif not isinstance(layout, Layout):
+            layout = Layout(layout, mesh)
+        return cls(name, tuple(shape), dtype, layout, decay)
+
+    @property
+    def mlir_element_type(self) -> str:
+        return MLIR_ELEMENT_TYPES[self.dtype]
+
+    @property
+    def mlir_type(self) -> str:
+        """`tensor<8x16xf32>` (global shape)."""
+        return tensor_type(self.shape, self.mlir_element_type)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * numpy_dtype(self.dtype).itemsize
+
+    @property
+    def class_key(self) -> tuple[Any, ...]:
+        """Variables with equal keys share the stage functions of the generated module."""
+        return (self.shape, self.dtype, self.layout.dims)
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype,
+                             "layout": self.layout.sharding_specs}
+        if not self.decay:
+            d["decay"] = False
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any], mesh: Mesh, *, where: str = "variable") -> VarSpec:
+        """From a VARS.json entry; errors name the entry and the field."""
+        if not isinstance(d, Mapping):
+            raise SpecError(f"{where}: expected an object with name, shape, dtype, layout; got {type(d).__name__}")
+        unknown = set(d) - {"name", "shape", "dtype", "layout", "decay"}
+        if unknown:
+            raise SpecError(f"{where}: unknown field(s) {sorted(unknown)}; allowed: name, shape, dtype, layout, decay")
+        for key in ("name", "shape", "dtype"):
+            if key not in d:
+                raise SpecError(f"{where}: missing field {key!r}")
+        shape = d["shape"]
+        if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) for n in shape):
+            raise SpecError(f"{where} ({d['name']!r}): field 'shape' must be a list of integers, got {shape!r}")
+        layout = d.get("layout")
+        if layout is not None and not isinstance(layout, list):
+            raise SpecError(f"{where} ({d['name']!r}): field 'layout' must be a list, got {layout!r}")
+        return cls.create(d["name"], shape, d["dtype"], mesh, layout, bool(d.get("decay", True)))
+
+
+def tensor_type(shape: Sequence[int], element_type: str) -> str:
+    """MLIR ranked tensor type text: `tensor<8x16xf32>`, `tensor<f32>` for a scalar."""
+    return "tensor<" + "".join(f"{n}x" for n in shape) + element_type + ">"
