@@ -107,7 +107,7 @@ def render_schedule(schedule: Any, fn: str = "learning_rate") -> str:
     elif kind == "CosineDecay":
         warmup = s.warmup_target is not None
         p.update(initial_learning_rate=_f32(s.initial_learning_rate), decay_steps=_f32(s.decay_steps),
-                 pi=_f32(math.pi), alpha=_f32(s.alpha), one_minus_alpha=_f32(1.0 - float(s.alpha)),
+                 pi=_f32(math.pi), alpha=_f32(s.alpha),
                  warmup=warmup, warmup_target=_f32(s.warmup_target) if warmup else None,
                  warmup_steps=_f32(s.warmup_steps))
     else:  # CosineDecayRestarts
