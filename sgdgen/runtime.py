@@ -1,0 +1,89 @@
+"""Compile a step module for a mesh and run it on jax.Arrays laid out on that mesh.
+
+`StepExecutable` pairs a compiled PJRT executable with its `StepABI`: it knows every
+argument's global shape, dtype and `NamedSharding`, checks the arrays it is given
+against them before anything runs (a mismatch that reaches PJRT on several devices
+ends the process, RUNTIME-NOTES Q1), and wraps the results as jax.Arrays with the
+right shardings. State arguments are donated: their buffers become the results.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from sgdgen import pjrt
+from sgdgen.abi import Slot, StepABI
+from sgdgen.spec import Mesh, numpy_dtype
+
+
+class StepInputError(ValueError):
+    """An argument that does not match the compiled step; nothing has run."""
+
+
+def slot_dtype(slot: Slot) -> np.dtype:
+    return np.dtype(np.int64) if slot.dtype == "int64" else numpy_dtype(slot.dtype)
+
+
+@dataclass
+class StepExecutable:
+    """A compiled step for one mesh, with its calling convention."""
+
+    executable: Any
+    abi: StepABI
+    mesh: Mesh
+    jax_mesh: Any
+
+    @classmethod
+    def compile(cls, text: str, abi: StepABI, mesh: Mesh) -> StepExecutable:
+        """Compiles StableHLO text (stage 0 or stage 1) for `mesh`'s devices."""
+        devices = pjrt.devices_for(mesh.device_ids)
+        exe = pjrt.compile_text(text, devices)
+        return cls(exe, abi, mesh, mesh.to_jax(devices))
+
+    def sharding(self, slot: Slot) -> Any:
+        return slot.layout.named_sharding(self.jax_mesh)
+
+    def put(self, slot: Slot, value: Any) -> Any:
+        """Places a host value (or an array) as the step expects this slot."""
+        arr = np.asarray(value, dtype=slot_dtype(slot))
+        return pjrt.device_put(arr, self.sharding(slot))
+
+    def check(self, args: Sequence[Any]) -> None:
+        """Raises StepInputError naming the slot and the fix if any argument does not match."""
+        if len(args) != len(self.abi.inputs):
+            raise StepInputError(f"the step takes {len(self.abi.inputs)} arguments, got {len(args)}")
+        seen: dict[int, str] = {}
+        for slot, a in zip(self.abi.inputs, args):
+            what = f"{slot.role} {slot.name!r}"
+            if getattr(a, "is_deleted", lambda: False)():
+                raise StepInputError(f"{what}: the array was donated to an earlier step and is deleted; "
+                                     "pass the array that step returned")
+            shape, dtype = tuple(getattr(a, "shape", ())), np.dtype(getattr(a, "dtype", None))
+            if shape != slot.shape:
+                raise StepInputError(f"{what}: shape {list(shape)} does not match the compiled {list(slot.shape)}")
+            if dtype != slot_dtype(slot):
+                raise StepInputError(f"{what}: dtype {dtype} does not match the compiled {slot_dtype(slot)}; "
+                                     f"cast it with .astype({slot_dtype(slot)})")
+            want = self.sharding(slot)
+            have = getattr(a, "sharding", None)
+            if have is None or not have.is_equivalent_to(want, len(shape)):
+                raise StepInputError(f"{what}: laid out as {have}, but the step expects {want}; "
+                                     "jax.device_put it with that sharding")
+            if id(a) in seen:
+                raise StepInputError(f"{what}: the same array is also passed as {seen[id(a)]}; "
+                                     "pass distinct arrays (donated buffers cannot be shared)")
+            seen[id(a)] = what
+
+    def __call__(self, args: Sequence[Any], *, check: bool = True) -> list[Any]:
+        """Runs one step; returns the new state in `abi.outputs` order."""
+        if check:
+            self.check(args)
+        avals = [pjrt.shaped_array(s.shape, slot_dtype(s)) for s in self.abi.outputs]
+        return pjrt.execute(self.executable, args, [self.sharding(s) for s in self.abi.outputs], avals)
+
+    def hlo_text(self) -> str:
+        return pjrt.hlo_text(self.executable)
