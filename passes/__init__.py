@@ -1,0 +1,42 @@
+"""sgdgen's MLIR passes, registered by name (imported as `sgdgen.passes`).
+
+Each pass is a Python callable `run(op, pass_)` over a `builtin.module`, added to a
+`jaxlib.mlir.passmanager.PassManager` under its name by `sgdgen.pipeline`, so that a
+pipeline string mixes them freely with upstream passes:
+
+    builtin.module(sgd-fuse-step,sgd-insert-collectives,sgd-alias-buffers,canonicalize,cse)
+
+Bad input IR is reported as an MLIR error diagnostic at the offending op, followed by
+pass failure: the user sees `file:line:col: error: ...`, never a Python traceback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class PassInfo:
+    """A registered pass: its pipeline name, one-line summary and entry point."""
+
+    name: str
+    summary: str
+    run: Callable[[Any, Any], None]
+
+
+PASSES: dict[str, PassInfo] = {}
+
+
+def register(name: str, summary: str) -> Callable[[Callable[[Any, Any], None]], Callable[[Any, Any], None]]:
+    """Decorator: registers `run(op, pass_)` under `name`."""
+
+    def wrap(run: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
+        PASSES[name] = PassInfo(name, summary, run)
+        return run
+
+    return wrap
+
+
+from sgdgen.passes import alias_buffers, fuse_step  # noqa: E402,F401  (registration)

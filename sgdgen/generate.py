@@ -292,7 +292,8 @@ def generate_text(config: Any, variables: Sequence[VarSpec], mesh: Mesh | None =
     ret_types = ", ".join(s.mlir_type for s in abi.outputs)
     b.emit(f"return {ret_vals} : {ret_types}")
     return render("module", mesh=mesh.sdy_mesh_text(), attributes=module_attributes(mesh),
-                  functions=list(b.functions.values()), args=args, results=outs, body="\n".join(b.body))
+                  functions=list(b.functions.values()), args=args, results=outs, body="\n".join(b.body),
+                  state_count=len(abi.outputs))
 
 
 def generate(config: Any, variables: Sequence[VarSpec], mesh: Mesh | None = None, ctx: Any = None) -> Any:

@@ -1,0 +1,152 @@
+"""`sgd-fuse-step`: inline the stage functions into @main and join the step's norms.
+
+After it, @main is one straight-line program: each variable's clip -> decay ->
+update -> EMA -> overwrite is a single elementwise chain (XLA fuses it into one
+loop with no intermediate in memory), and every norm partial of the step is joined
+into one value tagged `sgdgen.norms`:
+
+- global_clipnorm: the per-variable l2_loss partials are summed in a balanced tree
+  (a scalar);
+- clipnorm: the per-variable partials are packed into one vector, each clip reading
+  its own element back.
+
+so that `sgd-insert-collectives` reduces all norms of the step with one all_reduce.
+
+Input (stage 0):
+
+    func.func private @l2_loss_8x16xf32(%g) -> tensor<f64> attributes {sgdgen.stage = "norm_partial"}
+    func.func public @main(...) {
+      %partial0 = func.call @l2_loss_8x16xf32(%arg10)
+      %partial1 = func.call @l2_loss_16xf32(%arg11)
+      %total1 = stablehlo.add %partial0, %partial1 : tensor<f64>
+      %scale = func.call @global_norm_scale_f32(%total1)
+      ...
+
+Output:
+
+    func.func public @main(...) {
+      %0 = stablehlo.multiply %arg10, %arg10 ...
+      %3 = stablehlo.reduce(%2 init: %cst) ... {sgdgen.norm_partial}
+      ...
+      %9 = stablehlo.add %3, %8 {sgdgen.norms} : tensor<f64>
+      ...
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jaxlib.mlir import ir
+from jaxlib.mlir._mlir_libs import _jax_mlir_ext
+from jaxlib.mlir.dialects import stablehlo
+
+from sgdgen.passes import register
+from sgdgen.passes.common import PassError, body_ops, find_functions, find_main, guarded, module_of, string_attr
+
+NAME = "sgd-fuse-step"
+PARTIAL = "sgdgen.norm_partial"
+NORMS = "sgdgen.norms"
+
+
+def _inline_calls(main: ir.Operation, functions: dict[str, ir.Operation]) -> set[str]:
+    """Inlines every func.call in @main; tags the ops that produce norm partials."""
+    inlined: set[str] = set()
+    for op in body_ops(main):
+        if op.name != "func.call":
+            continue
+        callee_name = ir.FlatSymbolRefAttr(op.attributes["callee"]).value
+        callee = functions.get(callee_name)
+        if callee is None:
+            raise PassError(f"call to @{callee_name}, which is not defined in this module", op)
+        if any(o.name == "func.call" for o in body_ops(callee)):
+            raise PassError(f"@{callee_name} calls another function; stage functions must be straight-line", callee)
+        with ir.InsertionPoint(op), op.location:
+            new_values = _jax_mlir_ext.inlined_func_call(callee, list(op.operands))
+        if string_attr(callee, "sgdgen.stage") == "norm_partial":
+            for v in new_values:
+                if isinstance(v.owner, ir.Block):
+                    raise PassError(f"norm partial @{callee_name} returns its argument; it must compute a value", callee)
+                v.owner.attributes[PARTIAL] = ir.UnitAttr.get()
+        for old, new in zip(op.results, new_values):
+            old.replace_all_uses_with(new)
+        op.erase()
+        inlined.add(callee_name)
+    return inlined
+
+
+def _is_partial(v: ir.Value) -> bool:
+    return not isinstance(v.owner, ir.Block) and PARTIAL in v.owner.attributes
+
+
+def _balanced_sum(values: list[ir.Value]) -> ir.Value:
+    """Pairwise sum: depth log2(n) instead of a chain of n adds."""
+    while len(values) > 1:
+        nxt = [stablehlo.add(values[i], values[i + 1]) for i in range(0, len(values) - 1, 2)]
+        if len(values) % 2:
+            nxt.append(values[-1])
+        values = nxt
+    return values[0]
+
+
+def _join_norms(main: ir.Operation) -> None:
+    """Builds the one value that carries all norm partials of the step."""
+    ops = body_ops(main)
+    partials = [op.result for op in ops if PARTIAL in op.attributes]
+    if not partials:
+        return
+    # global_clipnorm: the partials feed a chain of adds; rebuild it as a balanced tree.
+    adds = _partial_sum_chain(ops)
+    scalar_type = partials[0].type
+    if adds:
+        root = adds[-1]
+        leaves = [v for a in adds for v in a.operands if _is_partial(v)]
+        with ir.InsertionPoint(root), root.location:
+            total = _balanced_sum(leaves)
+        root.result.replace_all_uses_with(total)
+        for a in reversed(adds):
+            a.erase()
+        total.owner.attributes[NORMS] = ir.UnitAttr.get()
+        return
+    if len(partials) == 1:
+        partials[0].owner.attributes[NORMS] = ir.UnitAttr.get()
+        return
+    # clipnorm: pack the partials into one vector and read each element back.
+    last = max((p.owner for p in partials), key=lambda o: ops.index(o))
+    with ir.InsertionPoint.after(last), last.location:
+        vec1 = ir.RankedTensorType.get([1], ir.RankedTensorType(scalar_type).element_type)
+        pieces = [stablehlo.reshape(vec1, p) for p in partials]
+        packed = stablehlo.concatenate(pieces, 0)
+        packed.owner.attributes[NORMS] = ir.UnitAttr.get()
+        for k, p in enumerate(partials):
+            piece = stablehlo.slice(packed, [k], [k + 1], [1])
+            elem = stablehlo.reshape(scalar_type, piece)
+            p.replace_all_uses_except(elem, pieces[k].owner.operation)
+
+
+def _partial_sum_chain(ops: list[ir.Operation]) -> list[ir.Operation]:
+    """The adds (in program order) that only sum norm partials and each other."""
+    members: list[ir.Operation] = []
+    for op in ops:
+        if op.name != "stablehlo.add":
+            continue
+        if all(_is_partial(v) or (not isinstance(v.owner, ir.Block) and v.owner in members) for v in op.operands):
+            members.append(op)
+    return members
+
+
+def _fuse(op: Any) -> None:
+    """Inline every stage of @main, drop the inlined stage functions, join the norms."""
+    module = module_of(op)
+    functions = find_functions(module)
+    main = find_main(module)
+    if any(o.name == "sdy.manual_computation" for o in body_ops(main)):
+        raise PassError("@main is already partitioned (sdy.manual_computation); run sgd-fuse-step before "
+                        "sgd-insert-collectives", main)
+    inlined = _inline_calls(main, functions)
+    for name in inlined:
+        functions[name].erase()
+    _join_norms(main)
+
+
+run = register(NAME, "Inline the stage functions into @main; join all norm partials of the step into one value.")(
+    guarded(NAME, _fuse))

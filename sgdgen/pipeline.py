@@ -1,0 +1,96 @@
+"""The pass pipeline: one place that names it, and a parser that mixes sgdgen's
+Python-defined passes with upstream MLIR passes in one pipeline string.
+
+Python-defined passes are not in MLIR's global registry, so the textual pipeline
+parser does not know them. `build_pass_manager` splits the top-level elements of
+`builtin.module(...)`: sgdgen pass names are added as Python passes, every other
+element is handed to MLIR's own parser (so options and nested pipelines work).
+"""
+
+from __future__ import annotations
+
+from jaxlib.mlir import ir, passmanager
+
+from sgdgen.ir import make_context
+
+#: stage 0 -> stage 1: fuse, partition, update in place, then tidy up.
+DEFAULT_PIPELINE = (
+    "builtin.module(sgd-fuse-step,sgd-insert-collectives,sgd-alias-buffers,canonicalize,cse,symbol-dce)"
+)
+
+
+class PipelineError(ValueError):
+    """A pipeline string that does not parse, with MLIR's message."""
+
+
+def split_elements(text: str) -> list[str]:
+    """Top-level comma-separated elements, respecting (), {} and quotes."""
+    out, depth, cur, quote = [], 0, [], None
+    for ch in text:
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "({":
+            depth += 1
+        elif ch in ")}":
+            depth -= 1
+        if ch == "," and depth == 0 and not quote:
+            out.append("".join(cur).strip())
+            cur = []
+        else:
+            cur.append(ch)
+    if "".join(cur).strip():
+        out.append("".join(cur).strip())
+    return out
+
+
+def _anchored_elements(pipeline: str) -> list[str]:
+    p = pipeline.strip()
+    if p.startswith("builtin.module(") and p.endswith(")"):
+        p = p[len("builtin.module("):-1]
+    elif "(" in p.split(",")[0] and not p.startswith(("func.func(", "any(")):
+        raise PipelineError(f"pipeline {pipeline!r}: anchor it on builtin.module, e.g. builtin.module(sgd-fuse-step)")
+    return split_elements(p)
+
+
+def build_pass_manager(pipeline: str, ctx: ir.Context) -> passmanager.PassManager:
+    """A PassManager on builtin.module running `pipeline` (sgdgen and upstream passes)."""
+    from sgdgen.passes import PASSES
+
+    with ctx:
+        pm = passmanager.PassManager("builtin.module")
+        for element in _anchored_elements(pipeline):
+            name = element.split("{", 1)[0].split("(", 1)[0].strip()
+            if name in PASSES:
+                if element != name:
+                    raise PipelineError(f"pass {name} takes no options (got {element!r})")
+                info = PASSES[name]
+                pm.add(info.run, name=name, argument=name, description=info.summary)
+            else:
+                try:
+                    pm.add(element)
+                except ValueError as e:
+                    raise PipelineError(str(e).strip()) from e
+    return pm
+
+
+def run_pipeline(text: str, pipeline: str = DEFAULT_PIPELINE, ctx: ir.Context | None = None) -> str:
+    """Parses `text`, runs `pipeline` over it, and returns the printed module."""
+    from sgdgen.ir import parse_module
+
+    ctx = ctx or make_context()
+    module = parse_module(text, ctx)
+    pm = build_pass_manager(pipeline, ctx)
+    with ctx:
+        pm.run(module.operation)
+        return str(module)
+
+
+def lower(module: ir.Module, pipeline: str = DEFAULT_PIPELINE) -> ir.Module:
+    """Runs `pipeline` in place on a parsed module and returns it."""
+    ctx = module.context
+    pm = build_pass_manager(pipeline, ctx)
+    with ctx:
+        pm.run(module.operation)
+    return module
