@@ -39,4 +39,4 @@ def register(name: str, summary: str) -> Callable[[Callable[[Any, Any], None]], 
     return wrap
 
 
-from sgdgen.passes import alias_buffers, fuse_step  # noqa: E402,F401  (registration)
+from sgdgen.passes import alias_buffers, fuse_step, insert_collectives  # noqa: E402,F401  (registration)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import traceback
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,13 +23,15 @@ def guarded(name: str, body: Any) -> Any:
 
     def run(op: Any, pass_: Any) -> None:
         try:
-            body(op)
+            with op.location:
+                body(op)
         except PassError as e:
             where = e.op if e.op is not None else op
             where.location.emit_error(f"{name}: {e}")
             pass_.signal_pass_failure()
         except Exception as e:  # a bug in the pass: still a diagnostic, never a traceback
-            op.location.emit_error(f"{name}: internal error: {type(e).__name__}: {e}")
+            detail = traceback.format_exc() if os.environ.get("SGDGEN_DEBUG") else f"{type(e).__name__}: {e}"
+            op.location.emit_error(f"{name}: internal error: {detail}")
             pass_.signal_pass_failure()
 
     run.__name__ = name.replace("-", "_")
