@@ -164,6 +164,14 @@ def _propagate(main: ir.Operation, ops: list[ir.Operation]) -> _Classes:
     return classes
 
 
+def _source_tensor(partial: ir.Operation) -> ir.Value:
+    """The tensor a norm partial sums over: up the first-operand chain to the first non-scalar."""
+    v = partial.operands[0]
+    while _rank(v) == 0 and not isinstance(v.owner, ir.Block) and len(v.owner.operands):
+        v = v.owner.operands[0]
+    return v
+
+
 def _coordinate_mask(pid: ir.Value, axes: list[tuple[str, int]], replicated: list[str]) -> ir.Value:
     """i1 scalar: this device is at coordinate 0 of every axis in `replicated`."""
     u32 = ir.RankedTensorType.get([], ir.IntegerType.get_unsigned(32))
@@ -298,7 +306,7 @@ def _partition(op: Any) -> None:
     with ir.InsertionPoint.at_block_begin(inner), main.location:
         pid = stablehlo.partition_id()
     for p in partials:
-        source = p.operands[0]
+        source = _source_tensor(p)
         used = {a for d in value_layout(source) for a in d}
         replicated = [a for a, s in axes if a not in used and s > 1]
         if not replicated:

@@ -212,9 +212,11 @@ def generate_text(config: Any, variables: Sequence[VarSpec], mesh: Mesh | None =
         for i, v in enumerate(variables):
             et, t = v.mlir_element_type, v.mlir_type
             wt = WIDE[et]
-            half = hex_literal(0.5, v.dtype) if mode == "global_clipnorm" else None
+            half = None
+            if mode == "global_clipnorm":
+                half = "elementwise" if v.dtype == "float16" else "wide"
             fn = b.stage(f"{'l2_loss' if half else 'norm_sq'}_{_class_suffix(v)}", "norm_partial", t=t, wt=wt,
-                         t_wide=tensor_type(v.shape, wt), half=half,
+                         t_wide=tensor_type(v.shape, wt), half=half, half_value=hex_literal(0.5, v.dtype),
                          dims=", ".join(map(str, range(len(v.shape)))))
             b.call([f"%partial{i}"], fn, [grads[i]], [t], [f"tensor<{wt}>"])
             partials.append(f"%partial{i}")

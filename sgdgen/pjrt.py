@@ -89,3 +89,28 @@ def device_put(value: Any, sharding: Any) -> Any:
 
     with jax.enable_x64(True):
         return jax.device_put(value, sharding)
+
+
+def input_output_aliases(executable: Any) -> dict[int, int]:
+    """{result index: argument index} from the compiled HLO's input_output_alias table."""
+    import re
+
+    text = executable.hlo_modules()[0].to_string()
+    start = text.find("input_output_alias={")
+    if start < 0:
+        return {}
+    i, depth = start + len("input_output_alias="), 0
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            break
+    table = text[i:j + 1]
+    return {int(out): int(param) for out, param in re.findall(r"\{(\d+)\}:\s*\((\d+),", table)}
+
+
+def memory_stats(executable: Any) -> dict[str, int]:
+    """XLA's compiled memory statistics (bytes): arguments, outputs, aliases, temporaries."""
+    s = executable.get_compiled_memory_stats()
+    return {k: int(getattr(s, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes",
+                                            "alias_size_in_bytes", "temp_size_in_bytes",
+                                            "generated_code_size_in_bytes")}

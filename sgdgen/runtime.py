@@ -38,11 +38,32 @@ class StepExecutable:
     jax_mesh: Any
 
     @classmethod
-    def compile(cls, text: str, abi: StepABI, mesh: Mesh) -> StepExecutable:
-        """Compiles StableHLO text (stage 0 or stage 1) for `mesh`'s devices."""
+    def compile(cls, text: str, abi: StepABI, mesh: Mesh, *, in_place: bool = True) -> StepExecutable:
+        """Compiles StableHLO text for `mesh`'s devices.
+
+        With `in_place` (the default) the executable must alias every state buffer,
+        as the lowered module does; stage 0 (no aliasing yet) needs `in_place=False`.
+        """
         devices = pjrt.devices_for(mesh.device_ids)
         exe = pjrt.compile_text(text, devices)
-        return cls(exe, abi, mesh, mesh.to_jax(devices))
+        step = cls(exe, abi, mesh, mesh.to_jax(devices))
+        if in_place:
+            step.require_in_place()
+        return step
+
+    def require_in_place(self) -> None:
+        """Refuses an executable in which some state buffer is not updated in place.
+
+        DESIGN: in-place update is guaranteed, not hoped for. A missing alias would
+        silently double the state's memory; this makes it an error instead.
+        """
+        have = pjrt.input_output_aliases(self.executable)
+        missing = [self.abi.outputs[k].name for k, a in self.abi.aliases.items() if have.get(k) != a]
+        if missing:
+            raise RuntimeError(
+                f"the compiled step does not update {len(missing)} state buffer(s) in place "
+                f"(first: {missing[0]!r}); compile the lowered module (sgd-alias-buffers marks "
+                "tf.aliasing_output on every state argument)")
 
     def sharding(self, slot: Slot) -> Any:
         return slot.layout.named_sharding(self.jax_mesh)
