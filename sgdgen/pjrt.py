@@ -114,3 +114,64 @@ def memory_stats(executable: Any) -> dict[str, int]:
     return {k: int(getattr(s, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes",
                                             "alias_size_in_bytes", "temp_size_in_bytes",
                                             "generated_code_size_in_bytes")}
+
+
+def compile_cached(text: str, devices: Sequence[Any]) -> tuple[Any, bool]:
+    """Compiles through JAX's persistent compilation cache; returns (executable, cache_hit).
+
+    The key is JAX's own (`compilation_cache.get_cache_key`): the module, the compile
+    options and device assignment, the jaxlib version and the platform, so a second
+    process with the same step loads it. Used only when `jax_compilation_cache_dir` is
+    set (sgdgen.program.configure_persistent_cache). Compiling goes through the text
+    route: handing JAX's compile path an ir.Module skips the Shardy import of
+    `sdy.manual_computation` (jaxlib 0.10.2).
+    """
+    import time
+
+    from jax._src import compilation_cache, xla_bridge
+    from jax._src.interpreters import mlir as jax_mlir
+    from jax._src.lib import _jax as xc
+    from jaxlib.mlir import ir
+
+    backend = xla_bridge.get_backend()
+    opts = compile_options(devices)
+    key = None
+    if compilation_cache.is_cache_used(backend):
+        with jax_mlir.make_ir_context():
+            module = ir.Module.parse(text)
+            key = compilation_cache.get_cache_key(module, np.array(list(devices)), opts, backend)
+        exe, _ = compilation_cache.get_executable_and_time(key, opts, backend, xc.DeviceList(tuple(devices)))
+        if exe is not None:
+            return exe, True
+    t0 = time.perf_counter()
+    exe = compile_text(text, devices)
+    if key is not None:
+        compilation_cache.put_executable_and_time(key, "sgd_step", exe, backend,
+                                                  int((time.perf_counter() - t0) * 1000))
+    return exe, False
+
+
+def serialize_executable(executable: Any) -> bytes:
+    """The executable as bytes, for the current platform and jaxlib only."""
+    from jax._src import xla_bridge
+
+    return bytes(xla_bridge.get_backend().serialize_executable(executable))
+
+
+def deserialize_executable(blob: bytes, devices: Sequence[Any]) -> Any:
+    from jax._src import xla_bridge
+    from jax._src.lib import _jax as xc
+
+    return xla_bridge.get_backend().deserialize_executable(blob, xc.DeviceList(tuple(devices)),
+                                                           compile_options(devices))
+
+
+def platform_fingerprint() -> dict[str, str]:
+    """What a serialized executable is tied to: platform, its version, jaxlib."""
+    import jax
+    import jaxlib
+    from jax._src import xla_bridge
+
+    backend = xla_bridge.get_backend()
+    return {"platform": backend.platform, "platform_version": str(backend.platform_version),
+            "jaxlib": jaxlib.__version__, "jax": jax.__version__}

@@ -1,0 +1,128 @@
+"""One step program per (config, variables' signature, mesh), compiled once.
+
+`StepProgram` holds everything that shapes the program; its stage-0 and lowered
+texts are derived from it. `executable_for` returns a compiled `StepExecutable`
+from, in order: this process's memory, JAX's persistent compilation cache on disk
+(a second process loads instead of compiling), or a fresh compile.
+
+Why JAX's persistent cache rather than a cache of our own: its key already covers
+the module text, the compile options and device assignment, the jaxlib version and
+the platform, it is shared with the user's own jit programs, and its eviction and
+multi-process rules are maintained upstream. sgdgen only points it at a directory
+(`SGDGEN_CACHE_DIR`, default ~/.cache/sgdgen/xla) when the user has not set one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from sgdgen import pjrt
+from sgdgen.abi import StepABI
+from sgdgen.runtime import StepExecutable
+from sgdgen.spec import Mesh, VarSpec
+
+
+@dataclass(frozen=True)
+class StepProgram:
+    """The inputs that determine one compiled step."""
+
+    config: Any
+    variables: tuple[VarSpec, ...]
+    mesh: Mesh
+
+    @cached_property
+    def abi(self) -> StepABI:
+        return StepABI.create(self.variables, self.mesh, use_ema=self.config.use_ema,
+                              lr_input=not self.config.lr_is_schedule, optimizer_name=self.config.name)
+
+    @cached_property
+    def stage0_text(self) -> str:
+        from sgdgen.generate import generate_text
+
+        return generate_text(self.config, self.variables, self.mesh)
+
+    @cached_property
+    def lowered_text(self) -> str:
+        from sgdgen.pipeline import run_pipeline
+
+        return run_pipeline(self.stage0_text)
+
+    @cached_property
+    def key(self) -> str:
+        """sha256 of the lowered program and the device assignment."""
+        h = hashlib.sha256(self.lowered_text.encode())
+        h.update(repr(self.mesh.device_ids).encode())
+        return h.hexdigest()
+
+
+@dataclass
+class CacheStats:
+    """Counters a test or a benchmark can read: how each executable was obtained."""
+
+    compiles: int = 0
+    disk_hits: int = 0
+    memory_hits: int = 0
+    seconds: list[float] = field(default_factory=list)
+
+
+STATS = CacheStats()
+_MEMORY: dict[str, StepExecutable] = {}
+
+
+def configure_persistent_cache(path: str | os.PathLike[str] | None = None) -> str | None:
+    """Points JAX's persistent compilation cache at `path` unless the user already set one.
+
+    Returns the directory in use (None when disabled with SGDGEN_CACHE_DIR="").
+    """
+    import jax
+
+    current = jax.config.jax_compilation_cache_dir
+    if current and path is None:
+        return current
+    env = os.environ.get("SGDGEN_CACHE_DIR")
+    if path is None and env == "":
+        return None
+    target = str(path or env or Path.home() / ".cache" / "sgdgen" / "xla")
+    Path(target).mkdir(parents=True, exist_ok=True)
+    if target != current:
+        jax.config.update("jax_compilation_cache_dir", target)
+        # sgdgen's steps compile in well under a second; JAX skips caching those by default.
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+        from jax._src import compilation_cache
+
+        compilation_cache.reset_cache()
+    return target
+
+
+def executable_for(program: StepProgram) -> StepExecutable:
+    """The compiled step of `program`, from memory, the persistent cache, or a compile."""
+    cached = _MEMORY.get(program.key)
+    if cached is not None:
+        STATS.memory_hits += 1
+        return cached
+    configure_persistent_cache()
+    devices = pjrt.devices_for(program.mesh.device_ids)
+    t0 = time.perf_counter()
+    exe, hit = pjrt.compile_cached(program.lowered_text, devices)
+    STATS.seconds.append(time.perf_counter() - t0)
+    if hit:
+        STATS.disk_hits += 1
+    else:
+        STATS.compiles += 1
+    step = StepExecutable(exe, program.abi, program.mesh, program.mesh.to_jax(devices))
+    step.require_in_place()
+    _MEMORY[program.key] = step
+    return step
+
+
+def clear_memory_cache() -> None:
+    """Forgets this process's compiled steps (the on-disk cache stays)."""
+    _MEMORY.clear()
+
