@@ -150,12 +150,13 @@ class SGD:
         return self._config.get_config()
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], custom_objects: dict[str, Any] | None = None) -> SGD:
+    def from_config(cls, config: dict[str, Any], custom_objects: dict[str, Any] | None = None, *,
+                    mesh: Any = None) -> SGD:
         """Creates an optimizer from `get_config()` output (a tf_keras SGD config reads too)."""
         cfg = SGDConfig.from_config(dict(config))
         kw = {k: v for k, v in cfg.get_config().items() if k != "is_legacy_optimizer"}
         kw["learning_rate"] = cfg.learning_rate
-        return cls(**kw)
+        return cls(**kw, mesh=mesh)
 
     # ---- state -------------------------------------------------------------------------
     @property
@@ -404,3 +405,22 @@ class SGD:
             raise RuntimeError("build the optimizer (opt.build(variables)) before saving its artifact")
         program = self._program(self._tracked, self._config, self._decay_flags(self._tracked))
         return artifact.write(program, path)
+
+    @classmethod
+    def load_artifact(cls, path: Any, variables: Sequence[Variable], *, mesh: Any = None) -> SGD:
+        """An optimizer built on `variables` whose step is loaded from an artifact (no compile
+        when the artifact holds an executable for this platform). The artifact's config,
+        mesh and variables' signature must match; otherwise an error says what differs."""
+        from sgdgen import artifact
+        from sgdgen.program import register_executable
+
+        variables = list(variables)
+        art = artifact.read(path)
+        opt = cls.from_config(art.manifest["config"], mesh=mesh if mesh is not None else art.program.mesh)
+        decay = [v.decay for v in art.program.variables]
+        given = list(opt._program(variables, opt._config, decay).variables)
+        artifact.read(path, mesh=opt.mesh, variables=given)
+        register_executable(art.program, art.executable())
+        opt.exclude_from_weight_decay(var_list=[v for v, d in zip(variables, decay) if not d])
+        opt.build(variables)
+        return opt

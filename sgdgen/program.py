@@ -122,6 +122,12 @@ def executable_for(program: StepProgram) -> StepExecutable:
     return step
 
 
+def register_executable(program: StepProgram, step: StepExecutable) -> None:
+    """Makes `step` (e.g. loaded from an artifact) the executable of `program` in this process."""
+    step.require_in_place()
+    _MEMORY[program.key] = step
+
+
 def clear_memory_cache() -> None:
     """Forgets this process's compiled steps (the on-disk cache stays)."""
     _MEMORY.clear()
