@@ -45,6 +45,9 @@ def compile_options(devices: Sequence[Any]) -> Any:
         backend=xla_bridge.get_backend(),
     )
     opts.executable_build_options.use_spmd_partitioning = True
+    # Every op rounds in the variable's dtype (SEMANTICS §6): no float32 excess precision
+    # for bfloat16/float16 chains.
+    opts.env_option_overrides = [("xla_allow_excess_precision", False)]
     return opts
 
 
