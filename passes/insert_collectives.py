@@ -151,6 +151,10 @@ def _propagate(main: ir.Operation, ops: list[ir.Operation]) -> _Classes:
             tensors = [v for v in [*op.operands, *op.results] if _rank(v) > 0]
             for v in tensors[1:]:
                 classes.union(tensors[0], v)
+        elif name == "stablehlo.optimization_barrier":
+            for a, r in zip(op.operands, op.results):
+                if _rank(a) > 0:
+                    classes.union(a, r)
         elif name == "stablehlo.broadcast_in_dim":
             if _rank(op.operands[0]) != 0:
                 raise PassError("can only partition broadcasts of scalars", op)
