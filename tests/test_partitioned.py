@@ -18,7 +18,7 @@ from stepdriver import assert_matches, compile_step, run_against_reference
 from sgdgen import pjrt
 from sgdgen.config import SGDConfig
 from sgdgen.pipeline import run_pipeline
-from sgdgen.schedules import PiecewiseConstantDecay
+from sgdgen.schedules import CosineDecay, PiecewiseConstantDecay
 from sgdgen.spec import Mesh, VarSpec
 
 FULL = dict(momentum=0.9, nesterov=True, weight_decay=0.05, use_ema=True, ema_momentum=0.9,
@@ -78,9 +78,10 @@ def test_each_option_alone_on_2x4(name: str) -> None:
 
 def test_schedule_and_changing_learning_rate_on_a_mesh() -> None:
     m = Mesh.parse("batch=2,model=4")
-    sched = SGDConfig.create(learning_rate=PiecewiseConstantDecay([2, 5], [0.1, 0.05, 0.01]), momentum=0.9,
-                             global_clipnorm=1.0)
-    assert_matches(run_against_reference(sched, model(m), m, steps=10, transform=lowered))
+    for schedule in (PiecewiseConstantDecay([2, 5], [0.1, 0.05, 0.01]),
+                     CosineDecay(0.05, decay_steps=7, warmup_target=0.1, warmup_steps=3)):
+        sched = SGDConfig.create(learning_rate=schedule, momentum=0.9, global_clipnorm=1.0)
+        assert_matches(run_against_reference(sched, model(m), m, steps=10, transform=lowered))
     flt = SGDConfig.create(learning_rate=0.1, momentum=0.9, clipnorm=1.0)
     assert_matches(run_against_reference(flt, model(m), m, steps=10, transform=lowered,
                                          lr_schedule_of_values=[0.1, 0.2, 0.05] * 4))
