@@ -24,15 +24,16 @@ from typing import Any
 from jaxlib.mlir import ir
 
 from sgdgen.passes import register
-from sgdgen.passes.common import PassError, arg_attrs, find_main, guarded, int_attr, module_of, set_arg_attr
+from sgdgen.passes.common import PassError, find_main, guarded, int_attr, module_of
 
 NAME = "sgd-alias-buffers"
 ALIAS = "tf.aliasing_output"
 
 
-def _sharding(func: ir.Operation, k: int, results: bool) -> str | None:
-    d = arg_attrs(func, k, results)
-    return str(d["sdy.sharding"]) if d is not None and "sdy.sharding" in d else None
+def _dicts(func: ir.Operation, key: str, n: int) -> list[dict[str, ir.Attribute]]:
+    if key not in func.attributes:
+        return [{} for _ in range(n)]
+    return [{a.name: a.attr for a in ir.DictAttr(d)} for d in ir.ArrayAttr(func.attributes[key])]
 
 
 def _alias(op: Any) -> None:
@@ -43,21 +44,26 @@ def _alias(op: Any) -> None:
         raise PassError("@main has no sgdgen.state_count attribute, so which arguments are state is unknown; "
                         "emit the module with sgdgen emit", main)
     ftype = ir.FunctionType(ir.TypeAttr(main.attributes["function_type"]).value)
-    if count > len(ftype.results) or count > len(ftype.inputs):
-        raise PassError(f"sgdgen.state_count = {count} but @main has {len(ftype.inputs)} arguments and "
-                        f"{len(ftype.results)} results", main)
+    in_types, out_types = list(ftype.inputs), list(ftype.results)
+    if count > len(out_types) or count > len(in_types):
+        raise PassError(f"sgdgen.state_count = {count} but @main has {len(in_types)} arguments and "
+                        f"{len(out_types)} results", main)
+    args = _dicts(main, "arg_attrs", len(in_types))
+    results = _dicts(main, "res_attrs", len(out_types))
+    i32 = ir.IntegerType.get_signless(32)
     for k in range(count):
-        if ftype.inputs[k] != ftype.results[k]:
-            raise PassError(f"state argument {k} has type {ftype.inputs[k]} but result {k} has type "
-                            f"{ftype.results[k]}; a buffer can only be updated in place by a value of its type", main)
-        if _sharding(main, k, False) != _sharding(main, k, True):
-            raise PassError(f"state argument {k} is sharded as {_sharding(main, k, False)} but result {k} as "
-                            f"{_sharding(main, k, True)}; an in-place update keeps the layout", main)
-        existing = arg_attrs(main, k)
-        if existing is not None and ALIAS in existing and ir.IntegerAttr(existing[ALIAS]).value != k:
-            raise PassError(f"argument {k} is already aliased to result {ir.IntegerAttr(existing[ALIAS]).value}",
+        if in_types[k] != out_types[k]:
+            raise PassError(f"state argument {k} has type {in_types[k]} but result {k} has type "
+                            f"{out_types[k]}; a buffer can only be updated in place by a value of its type", main)
+        a, r = (str(d["sdy.sharding"]) if "sdy.sharding" in d else None for d in (args[k], results[k]))
+        if a != r:
+            raise PassError(f"state argument {k} is sharded as {a} but result {k} as {r}; an in-place update "
+                            "keeps the layout", main)
+        if ALIAS in args[k] and ir.IntegerAttr(args[k][ALIAS]).value != k:
+            raise PassError(f"argument {k} is already aliased to result {ir.IntegerAttr(args[k][ALIAS]).value}",
                             main)
-        set_arg_attr(main, k, ALIAS, ir.IntegerAttr.get(ir.IntegerType.get_signless(32), k))
+        args[k][ALIAS] = ir.IntegerAttr.get(i32, k)
+    main.attributes["arg_attrs"] = ir.ArrayAttr.get([ir.DictAttr.get(d) for d in args])
 
 
 run = register(NAME, "Alias every state argument of @main to the result that updates it (in-place update).")(

@@ -94,18 +94,6 @@ def arg_attrs(func: ir.Operation, index: int, results: bool = False) -> ir.DictA
     return ir.DictAttr(ir.ArrayAttr(func.attributes[key])[index])
 
 
-def set_arg_attr(func: ir.Operation, index: int, name: str, value: ir.Attribute, results: bool = False) -> None:
-    """Sets one entry of an argument's (or result's) attribute dictionary."""
-    key = "res_attrs" if results else "arg_attrs"
-    n = len(ir.FunctionType(ir.TypeAttr(func.attributes["function_type"]).value).results if results
-            else ir.FunctionType(ir.TypeAttr(func.attributes["function_type"]).value).inputs)
-    current = list(ir.ArrayAttr(func.attributes[key])) if key in func.attributes else [ir.DictAttr.get({})] * n
-    entries = {a.name: a.attr for a in ir.DictAttr(current[index])}
-    entries[name] = value
-    current[index] = ir.DictAttr.get(entries)
-    func.attributes[key] = ir.ArrayAttr.get(current)
-
-
 def tensor_shape(t: ir.Type) -> tuple[int, ...]:
     return tuple(ir.RankedTensorType(t).shape)
 

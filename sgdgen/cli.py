@@ -168,6 +168,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import os
+    import platform
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    from sgdgen import benchmark
+
+    models = benchmark.MODELS
+    if args.quick:
+        models = dict(list(models.items())[:2])
+    rows = benchmark.run(models, steps=args.steps)
+    import jax
+
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}, "
+          f"device {jax.devices()[0].device_kind}; command: sgdgen bench" + (" --quick" if args.quick else ""))
+    print(benchmark.table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(benchmark.as_dicts(rows), indent=2))
+    return 0
+
+
 def _ensure_devices(n: int) -> None:
     """On CPU, simulate `n` devices; must run before jax starts its CPU client."""
     import os
@@ -204,6 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("bench", help="time the step against optax and the memory-bandwidth bound")
+    p.add_argument("--steps", type=int, default=30, help="steps per timing (median)")
+    p.add_argument("--quick", action="store_true", help="the two small models only")
+    p.add_argument("--json", default=None, help="also write the rows as JSON to this file")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -26,7 +26,7 @@ import numpy as np
 from sgdgen import pjrt
 from sgdgen.config import SGDConfig
 from sgdgen.program import StepProgram, executable_for
-from sgdgen.runtime import StepInputError
+from sgdgen.runtime import StepInputError, equivalent
 from sgdgen.schedules import LearningRateSchedule
 from sgdgen.spec import Layout, Mesh, SpecError, VarSpec, canonical_dtype, numpy_dtype
 from sgdgen.variable import Variable
@@ -89,6 +89,7 @@ class SGD:
         self._extra: list[Variable] = []
         self._exclude_ids: set[int] = set()
         self._exclude_names: list[str] = []
+        self._specs: dict[tuple[Any, ...], tuple[VarSpec, ...]] = {}  # per variable set: no revalidation per step
 
     # ---- configuration -----------------------------------------------------------------
     @property
@@ -305,7 +306,7 @@ class SGD:
 
     def _place_gradient(self, g: Any, v: Variable) -> Any:
         """The gradient as a jax.Array with the variable's sharding, or an error naming the variable."""
-        shape = tuple(np.shape(g))
+        shape = tuple(g.shape) if hasattr(g, "shape") else tuple(np.shape(g))  # np.shape would copy to host
         if shape != v.shape:
             raise ValueError(f"gradient for variable {v.name!r} has shape {list(shape)}, but the variable has shape "
                              f"{list(v.shape)}; pass a gradient of the variable's shape")
@@ -315,9 +316,9 @@ class SGD:
                             f"(tf_keras does not cast); cast it with .astype({v.dtype})")
         want = v.layout.named_sharding()
         if hasattr(g, "sharding"):
-            if getattr(g, "is_deleted", lambda: False)():
+            if g.is_deleted():
                 raise ValueError(f"gradient for variable {v.name!r} is a deleted (donated) array")
-            if g.sharding.is_equivalent_to(want, len(shape)):
+            if equivalent(g.sharding, want, len(shape)):
                 return g
             if getattr(g, "committed", True) and len(g.sharding.device_set) > 1:
                 raise ValueError(f"gradient for variable {v.name!r} is laid out as {g.sharding}, but the variable "
@@ -325,8 +326,12 @@ class SGD:
         return pjrt.device_put(np.asarray(g), want)
 
     def _program(self, variables: Sequence[Variable], config: SGDConfig, decay: Sequence[bool]) -> StepProgram:
-        specs = tuple(VarSpec(v._shared_name, v.shape, canonical_dtype(v.dtype), v.layout, d)
-                      for v, d in zip(variables, decay))
+        key = (tuple(v._unique_id for v in variables), tuple(decay))
+        specs = self._specs.get(key)
+        if specs is None:
+            specs = tuple(VarSpec(v._shared_name, v.shape, canonical_dtype(v.dtype), v.layout, d)
+                          for v, d in zip(variables, decay))
+            self._specs[key] = specs
         return StepProgram(config, specs, self.mesh)
 
     def _run(self, variables: Sequence[Variable], grads: Sequence[Any], config: SGDConfig,

@@ -14,6 +14,7 @@ multi-process rules are maintained upstream. sgdgen only points it at a director
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import time
@@ -72,7 +73,17 @@ class CacheStats:
 
 
 STATS = CacheStats()
-_MEMORY: dict[str, StepExecutable] = {}
+_MEMORY: dict[str, StepExecutable] = {}  # by StepProgram.key (the lowered text)
+_BY_SIGNATURE: dict[StepProgram, StepExecutable] = {}  # the per-step fast path: no text generated
+
+
+def signature(program: StepProgram) -> StepProgram:
+    """The program with a float learning rate normalised away: the rate is a runtime input,
+    so programs that differ only in it share one executable and one cache entry."""
+    config = program.config
+    if not config.lr_is_schedule:
+        config = dataclasses.replace(config, learning_rate=0.0)
+    return StepProgram(config, program.variables, program.mesh)
 
 
 def configure_persistent_cache(path: str | os.PathLike[str] | None = None) -> str | None:
@@ -103,9 +114,11 @@ def configure_persistent_cache(path: str | os.PathLike[str] | None = None) -> st
 
 def executable_for(program: StepProgram) -> StepExecutable:
     """The compiled step of `program`, from memory, the persistent cache, or a compile."""
-    cached = _MEMORY.get(program.key)
+    sig = signature(program)
+    cached = _BY_SIGNATURE.get(sig) or _MEMORY.get(program.key)
     if cached is not None:
         STATS.memory_hits += 1
+        _BY_SIGNATURE[sig] = cached
         return cached
     configure_persistent_cache()
     devices = pjrt.devices_for(program.mesh.device_ids)
@@ -119,6 +132,7 @@ def executable_for(program: StepProgram) -> StepExecutable:
     step = StepExecutable(exe, program.abi, program.mesh, program.mesh.to_jax(devices))
     step.require_in_place()
     _MEMORY[program.key] = step
+    _BY_SIGNATURE[sig] = step
     return step
 
 
@@ -126,9 +140,11 @@ def register_executable(program: StepProgram, step: StepExecutable) -> None:
     """Makes `step` (e.g. loaded from an artifact) the executable of `program` in this process."""
     step.require_in_place()
     _MEMORY[program.key] = step
+    _BY_SIGNATURE[signature(program)] = step
 
 
 def clear_memory_cache() -> None:
     """Forgets this process's compiled steps (the on-disk cache stays)."""
     _MEMORY.clear()
+    _BY_SIGNATURE.clear()
 

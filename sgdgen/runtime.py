@@ -9,6 +9,7 @@ right shardings. State arguments are donated: their buffers become the results.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,13 @@ import numpy as np
 from sgdgen import pjrt
 from sgdgen.abi import Slot, StepABI
 from sgdgen.spec import Mesh, numpy_dtype
+
+
+@functools.lru_cache(maxsize=4096)
+def equivalent(have: Any, want: Any, ndim: int) -> bool:
+    """`have.is_equivalent_to(want, ndim)`, memoised: shardings are immutable and hashable,
+    and the per-step check asks the same question for every array of every step."""
+    return have is want or have.is_equivalent_to(want, ndim)
 
 
 class StepInputError(ValueError):
@@ -36,6 +44,15 @@ class StepExecutable:
     abi: StepABI
     mesh: Mesh
     jax_mesh: Any
+
+    def __post_init__(self) -> None:
+        # Computed once: the per-step path only compares against these.
+        # One NamedSharding object per layout (spec.Layout.named_sharding caches them), so that
+        # a result fed back as the next step's argument passes the check by identity.
+        self.in_shardings = [s.layout.named_sharding() for s in self.abi.inputs]
+        self.out_shardings = [s.layout.named_sharding() for s in self.abi.outputs]
+        self.out_avals = [pjrt.shaped_array(s.shape, slot_dtype(s)) for s in self.abi.outputs]
+        self.in_dtypes = [slot_dtype(s) for s in self.abi.inputs]
 
     @classmethod
     def compile(cls, text: str, abi: StepABI, mesh: Mesh, *, in_place: bool = True) -> StepExecutable:
@@ -66,7 +83,7 @@ class StepExecutable:
                 "tf.aliasing_output on every state argument)")
 
     def sharding(self, slot: Slot) -> Any:
-        return slot.layout.named_sharding(self.jax_mesh)
+        return slot.layout.named_sharding()
 
     def put(self, slot: Slot, value: Any) -> Any:
         """Places a host value (or an array) as the step expects this slot."""
@@ -78,7 +95,7 @@ class StepExecutable:
         if len(args) != len(self.abi.inputs):
             raise StepInputError(f"the step takes {len(self.abi.inputs)} arguments, got {len(args)}")
         seen: dict[int, str] = {}
-        for slot, a in zip(self.abi.inputs, args):
+        for slot, a, want, want_dtype in zip(self.abi.inputs, args, self.in_shardings, self.in_dtypes):
             what = f"{slot.role} {slot.name!r}"
             if getattr(a, "is_deleted", lambda: False)():
                 raise StepInputError(f"{what}: the array was donated to an earlier step and is deleted; "
@@ -86,12 +103,11 @@ class StepExecutable:
             shape, dtype = tuple(getattr(a, "shape", ())), np.dtype(getattr(a, "dtype", None))
             if shape != slot.shape:
                 raise StepInputError(f"{what}: shape {list(shape)} does not match the compiled {list(slot.shape)}")
-            if dtype != slot_dtype(slot):
-                raise StepInputError(f"{what}: dtype {dtype} does not match the compiled {slot_dtype(slot)}; "
-                                     f"cast it with .astype({slot_dtype(slot)})")
-            want = self.sharding(slot)
+            if dtype != want_dtype:
+                raise StepInputError(f"{what}: dtype {dtype} does not match the compiled {want_dtype}; "
+                                     f"cast it with .astype({want_dtype})")
             have = getattr(a, "sharding", None)
-            if have is None or not have.is_equivalent_to(want, len(shape)):
+            if have is None or not equivalent(have, want, len(shape)):
                 raise StepInputError(f"{what}: laid out as {have}, but the step expects {want}; "
                                      "jax.device_put it with that sharding")
             if id(a) in seen:
@@ -103,8 +119,7 @@ class StepExecutable:
         """Runs one step; returns the new state in `abi.outputs` order."""
         if check:
             self.check(args)
-        avals = [pjrt.shaped_array(s.shape, slot_dtype(s)) for s in self.abi.outputs]
-        return pjrt.execute(self.executable, args, [self.sharding(s) for s in self.abi.outputs], avals)
+        return pjrt.execute(self.executable, args, self.out_shardings, self.out_avals)
 
     def hlo_text(self) -> str:
         return pjrt.hlo_text(self.executable)

@@ -9,6 +9,7 @@ string for HLO, and `jax.sharding.NamedSharding` for the runtime.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -289,13 +290,28 @@ class Layout:
         """A `jax.sharding.NamedSharding` on this layout's mesh (or the given jax Mesh)."""
         from jax.sharding import NamedSharding
 
-        return NamedSharding(jax_mesh if jax_mesh is not None else self.mesh.to_jax(), self.partition_spec())
+        if jax_mesh is None:
+            return _default_named_sharding(self)
+        return NamedSharding(jax_mesh, self.partition_spec())
 
     @classmethod
     def from_partition_spec(cls, spec: Any, mesh: Mesh | Any, rank: int) -> Layout:
         """From a PartitionSpec, padded with unsharded dimensions up to `rank`."""
         entries = list(spec) + [None] * (rank - len(tuple(spec)))
         return cls(entries, mesh)
+
+
+@functools.lru_cache(maxsize=4096)
+def _default_named_sharding(layout: Layout) -> Any:
+    """One NamedSharding object per layout: the runtime compares shardings every step."""
+    from jax.sharding import NamedSharding
+
+    return NamedSharding(_default_jax_mesh(layout.mesh), layout.partition_spec())
+
+
+@functools.lru_cache(maxsize=64)
+def _default_jax_mesh(mesh: Mesh) -> Any:
+    return mesh.to_jax()
 
 
 @dataclass(frozen=True)
