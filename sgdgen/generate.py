@@ -142,10 +142,13 @@ class _Builder:
 
 
 def _class_suffix(v: VarSpec) -> str:
-    """Readable name of a variable class: `8x16xf32` plus the layout when sharded."""
+    """Name of a variable class: `8x16xf32`, plus the layout when sharded: per dimension its
+    axes joined by '.', or '0' when unsharded (no axis name starts with a digit), dimensions
+    joined by '$' (no axis name holds one), so different layouts never share a name:
+    `8x16xf32_0$model`, `16x16xf32_batch.model$0`."""
     s = "x".join([*map(str, v.shape), v.mlir_element_type])
     if v.layout.used_axes:
-        s += "_" + "_".join("_".join(d) if d else "r" for d in v.layout.dims)
+        s += "_" + "$".join(".".join(d) if d else "0" for d in v.layout.dims)
     return s
 
 
