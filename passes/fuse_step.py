@@ -58,6 +58,8 @@ def _inline_calls(main: ir.Operation, functions: dict[str, ir.Operation]) -> set
         callee = functions.get(callee_name)
         if callee is None:
             raise PassError(f"call to @{callee_name}, which is not defined in this module", op)
+        if not callee.regions[0].blocks or not len(callee.regions[0].blocks):
+            raise PassError(f"call to @{callee_name}, which is only declared (no body to inline)", op)
         if any(o.name == "func.call" for o in body_ops(callee)):
             raise PassError(f"@{callee_name} calls another function; stage functions must be straight-line", callee)
         with ir.InsertionPoint(op), op.location:

@@ -168,12 +168,46 @@ def _propagate(main: ir.Operation, ops: list[ir.Operation]) -> _Classes:
     return classes
 
 
-def _source_tensor(partial: ir.Operation) -> ir.Value:
-    """The tensor a norm partial sums over: up the first-operand chain to the first non-scalar."""
-    v = partial.operands[0]
-    while _rank(v) == 0 and not isinstance(v.owner, ir.Block) and len(v.owner.operands):
-        v = v.owner.operands[0]
-    return v
+def _source_tensor(partial: ir.Operation) -> ir.Value | None:
+    """The tensor a norm partial sums over: up its def chain through scalar ops (past
+    constants) to the first non-scalar value; a scalar argument is its own source."""
+
+    def search(v: ir.Value) -> ir.Value | None:
+        if _rank(v) > 0 or isinstance(v.owner, ir.Block):
+            return v
+        if v.owner.name == "stablehlo.constant":
+            return None
+        for operand in v.owner.operands:
+            found = search(operand)
+            if found is not None:
+                return found
+        return None
+
+    return search(partial.results[0])
+
+
+def _reductions_feeding_partials(ops: list[ir.Operation]) -> set[ir.Operation]:
+    """Reduce ops that a norm partial is computed from (through scalar ops): their sums are
+    completed across devices by the all_reduce; any other reduce of a sharded value is not."""
+    found: set[ir.Operation] = set()
+
+    def walk(v: ir.Value) -> None:
+        if isinstance(v.owner, ir.Block) or _rank(v) > 0:
+            return
+        op = v.owner.operation
+        if op.name == "stablehlo.reduce":
+            found.add(op)
+            return
+        for operand in op.operands:
+            walk(operand)
+
+    for o in ops:
+        if "sgdgen.norm_partial" in o.attributes:
+            if o.name == "stablehlo.reduce":
+                found.add(o)
+            for operand in o.operands:
+                walk(operand)
+    return found
 
 
 def _coordinate_mask(pid: ir.Value, axes: list[tuple[str, int]], replicated: list[str]) -> ir.Value:
@@ -253,6 +287,18 @@ def _partition(op: Any) -> None:
         found = layout_of.get(classes.find(v))
         return found[0] if found else tuple(() for _ in range(_rank(v)))
 
+    covered = _reductions_feeding_partials(ops[:-1])
+    for o in ops[:-1]:
+        sharded = [v for v in [*o.operands, *o.results] if any(value_layout(v))]
+        if not sharded:
+            continue
+        if o.name in SCALAR_ONLY:
+            raise PassError(f"cannot partition {o.name} of a sharded value: only elementwise ops and norm "
+                            "reductions touch sharded tensors", o)
+        if o.name == "stablehlo.reduce" and o not in covered:
+            raise PassError("a reduction over a sharded value must be a norm partial (sgdgen.norm_partial) so "
+                            "that its all_reduce is inserted; run sgd-fuse-step on a module sgdgen emit produced", o)
+
     ret = ops[-1]
     for k, v in enumerate(ret.operands):
         if value_layout(v) != out_layouts[k]:
@@ -309,9 +355,10 @@ def _partition(op: Any) -> None:
         return
     with ir.InsertionPoint.at_block_begin(inner), main.location:
         pid = stablehlo.partition_id()
+    masked_of: dict[ir.Operation, ir.Value] = {}
     for p in partials:
         source = _source_tensor(p)
-        used = {a for d in value_layout(source) for a in d}
+        used = {a for d in (value_layout(source) if source is not None else ()) for a in d}
         replicated = [a for a, s in axes if a not in used and s > 1]
         if not replicated:
             continue
@@ -322,10 +369,12 @@ def _partition(op: Any) -> None:
                 v.type, ir.FloatAttr.get(ir.RankedTensorType(v.type).element_type, 0.0)))
             masked = stablehlo.select(keep, v, zero)
         v.replace_all_uses_except(masked, masked.owner.operation)
-    total = norms[0]
-    with ir.InsertionPoint.after(total), total.location:
-        reduced = _all_reduce_sum(total.results[0], math.prod(mesh.values()))
-    total.results[0].replace_all_uses_except(reduced, reduced.owner.operation)
+        masked_of[p] = masked
+    # The value to sum over devices: the join of all partials (masked, when it is itself one).
+    total = masked_of.get(norms[0], norms[0].results[0])
+    with ir.InsertionPoint.after(total.owner), total.owner.location:
+        reduced = _all_reduce_sum(total, math.prod(mesh.values()))
+    total.replace_all_uses_except(reduced, reduced.owner.operation)
 
 
 run = register(NAME, "Partition @main into a per-device sdy.manual_computation; reduce all norms with one "

@@ -137,3 +137,14 @@ def test_temporary_memory_is_under_one_percent_of_state() -> None:
         state_bytes = sum(v.nbytes for v in specs) * 3 + 8
         assert stats["alias_size_in_bytes"] >= state_bytes - 8
         assert stats["temp_size_in_bytes"] <= 0.01 * state_bytes, stats
+
+
+@pytest.mark.parametrize("clip", ["global_clipnorm", "clipnorm"])
+@pytest.mark.parametrize("layout", [None, ["model"]], ids=["replicated", "sharded"])
+def test_single_variable_norm_is_counted_once(clip: str, layout: list[str] | None) -> None:
+    """One variable: its partial is itself the joined norm value, so the mask must come
+    before the all_reduce (a replicated variable was once counted 8 times on device 0)."""
+    m = Mesh.parse("batch=2,model=4")
+    specs = [VarSpec.create("w", [16], "float32", m, layout)]
+    config = SGDConfig.create(learning_rate=0.1, momentum=0.9, **{clip: 0.5})
+    assert_matches(run_against_reference(config, specs, m, steps=10, transform=lowered))

@@ -1,6 +1,5 @@
 // RUN: not sgdgen-opt %s --pass-pipeline='builtin.module(sgd-fuse-step)' 2>&1 | filecheck %s
 
-// XFAIL: *
 /// BUG (sgd-fuse-step): a call to a function that is only declared (no body) crashes
 /// inside the pass: `_inline_calls` reads `body_ops(callee)`, i.e. the first block of
 /// an empty region, and the IndexError surfaces as

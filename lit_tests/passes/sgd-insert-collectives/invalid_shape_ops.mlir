@@ -1,6 +1,5 @@
 // RUN: not sgdgen-opt %s --split-input-file --pass-pipeline='builtin.module(sgd-insert-collectives)' 2>&1 | filecheck %s
 
-// XFAIL: *
 /// BUG (sgd-insert-collectives): stablehlo.reshape, slice and concatenate are in the
 /// pass's SCALAR_ONLY set (meant for sgd-fuse-step's packing of scalar partials), but
 /// nothing checks that their operands are unsharded, so on a sharded value the pass

@@ -1,6 +1,5 @@
 // RUN: not sgdgen-opt %s --pass-pipeline='builtin.module(sgd-insert-collectives)' 2>&1 | filecheck %s
 
-// XFAIL: *
 /// BUG (sgd-insert-collectives): a reduction to a scalar of a SHARDED value that is not
 /// a norm partial (no `sgdgen.norm_partial`) is accepted and left as a local sum over
 /// the device's shard, with no collective, and the result is returned under a

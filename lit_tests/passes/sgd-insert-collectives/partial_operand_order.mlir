@@ -1,6 +1,5 @@
 // RUN: sgdgen-opt %s --pass-pipeline='builtin.module(sgd-insert-collectives)' | filecheck %s
 
-// XFAIL: *
 /// BUG (sgd-insert-collectives): the tensor a norm partial sums over is found by
 /// following FIRST operands up from the partial (`_source_tensor`). When the tagged
 /// partial is `multiply %half, %sum` (the constant first, which is the same l2_loss as

@@ -1,6 +1,5 @@
 // RUN: sgdgen-opt %s --pass-pipeline='builtin.module(sgd-insert-collectives)' | filecheck %s
 
-// XFAIL: *
 /// BUG (sgd-insert-collectives): when the only norm partial is itself the joined value
 /// (tagged `sgdgen.norm_partial, sgdgen.norms`: global_clipnorm or clipnorm with ONE
 /// variable) and that variable is replicated over some axis, the mask is applied
