@@ -139,7 +139,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 "state_bytes", "all_reduce", "manual_computation", "aliased_buffers"):
         table.add_row(key, str(info[key]))
     for platform, fp in info["executables"].items():
-        table.add_row(f"executable[{platform}]", f"jaxlib {fp['jaxlib']}, {fp['platform_version']}")
+        table.add_row(f"executable ({platform})", f"jaxlib {fp['jaxlib']}, {fp['platform_version']}")
     Console().print(table)
     vt = Table(title="variables")
     for col in ("name", "shape", "dtype", "layout", "decay"):
