@@ -137,8 +137,9 @@ def _copy(value: Any) -> Any:
     return list(value) if isinstance(value, list) else value
 
 
-class ExponentialDecay(LearningRateSchedule):
-    """`initial_learning_rate * decay_rate ** (step / decay_steps)` (floored if staircase)."""
+class _StepDecay(LearningRateSchedule):
+    """Shared by ExponentialDecay and InverseTimeDecay: the same arguments, and the same
+    progress `p = step / decay_steps`, floored when `staircase`."""
 
     _CONFIG_KEYS = ("initial_learning_rate", "decay_steps", "decay_rate", "staircase", "name")
 
@@ -157,11 +158,16 @@ class ExponentialDecay(LearningRateSchedule):
         self.staircase = _flag(owner, "staircase", staircase)
         self.name = _name(owner, name)
 
-    def _compute(self, step: int) -> np.float32:
+    def _progress(self, step: int) -> np.float32:
         p = _step_f32(step) / _F32(self.decay_steps)
-        if self.staircase:
-            p = np.floor(p)
-        return _F32(self.initial_learning_rate) * np.power(_F32(self.decay_rate), p)
+        return np.floor(p) if self.staircase else p
+
+
+class ExponentialDecay(_StepDecay):
+    """`initial_learning_rate * decay_rate ** (step / decay_steps)` (floored if staircase)."""
+
+    def _compute(self, step: int) -> np.float32:
+        return _F32(self.initial_learning_rate) * np.power(_F32(self.decay_rate), self._progress(step))
 
 
 class PiecewiseConstantDecay(LearningRateSchedule):
@@ -251,31 +257,11 @@ class PolynomialDecay(LearningRateSchedule):
         return (initial - end) * np.power(_ONE - p, _F32(self.power)) + end
 
 
-class InverseTimeDecay(LearningRateSchedule):
+class InverseTimeDecay(_StepDecay):
     """`initial_learning_rate / (1 + decay_rate * step / decay_steps)` (floored if staircase)."""
 
-    _CONFIG_KEYS = ("initial_learning_rate", "decay_steps", "decay_rate", "staircase", "name")
-
-    def __init__(
-        self,
-        initial_learning_rate: float,
-        decay_steps: float,
-        decay_rate: float,
-        staircase: bool = False,
-        name: str | None = None,
-    ) -> None:
-        owner = type(self).__name__
-        self.initial_learning_rate = _real(owner, "initial_learning_rate", initial_learning_rate)
-        self.decay_steps = _positive(owner, "decay_steps", decay_steps)
-        self.decay_rate = _real(owner, "decay_rate", decay_rate)
-        self.staircase = _flag(owner, "staircase", staircase)
-        self.name = _name(owner, name)
-
     def _compute(self, step: int) -> np.float32:
-        p = _step_f32(step) / _F32(self.decay_steps)
-        if self.staircase:
-            p = np.floor(p)
-        return _F32(self.initial_learning_rate) / (_ONE + _F32(self.decay_rate) * p)
+        return _F32(self.initial_learning_rate) / (_ONE + _F32(self.decay_rate) * self._progress(step))
 
 
 class CosineDecay(LearningRateSchedule):
