@@ -2,7 +2,10 @@
 
     DIR/step.mlir          the lowered (stage-1) module, text
     DIR/step.mlirbc        the same as a StableHLO portable artifact (target version in the
-                           manifest); sdy ops ride along as MLIR bytecode (allow_other_dialects)
+                           manifest); sdy ops ride along as MLIR bytecode (allow_other_dialects).
+                           VHLO keeps an all_reduce's channel id but not its type, so the module
+                           reads back with `type = 0` where step.mlir has JAX's `type = 1`; XLA
+                           uses only the id for an all-reduce, and the numbers are the same.
     DIR/manifest.json      schema, versions, config, mesh, variables, argument/result order,
                            aliasing, sha256 of every other file
     DIR/executable-<platform>.bin   a serialized PJRT executable for the platform that wrote it

@@ -85,9 +85,18 @@ def cmd_emit(args: argparse.Namespace) -> int:
     except GenerateError as e:
         raise UsageError(str(e)) from e
     if args.lowered:
-        from sgdgen.pipeline import DEFAULT_PIPELINE, run_pipeline
+        from jaxlib.mlir import ir
 
-        text = run_pipeline(text, args.pass_pipeline or DEFAULT_PIPELINE)
+        from sgdgen.pipeline import DEFAULT_PIPELINE, PipelineError, run_pipeline
+
+        try:
+            text = run_pipeline(text, args.pass_pipeline or DEFAULT_PIPELINE)
+        except PipelineError as e:
+            raise UsageError(f"--pass-pipeline: {e}") from e
+        except ir.MLIRError as e:
+            from sgdgen.opt import format_diagnostics
+
+            raise UsageError("the pass pipeline failed:\n" + format_diagnostics(e, "<stage 0>").rstrip()) from e
     else:
         from sgdgen.ir import parse_module
 
@@ -114,8 +123,16 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     program = _load_program(args)
     _ensure_devices(program.mesh.size)
-    out = artifact.write(program, args.output)
-    print(f"wrote {out} ({len(program.variables)} variables, mesh {program.mesh or '(one device)'})")
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"-o {out}: exists and is not a directory; give a new or an artifact directory")
+    try:
+        artifact.write(program, out)
+    except RuntimeError as e:  # e.g. the mesh needs more devices than this process has
+        raise UsageError(str(e)) from e
+    except OSError as e:
+        raise UsageError(f"-o {out}: {e.strerror or e}") from e
+    print(f"wrote {out} ({len(program.variables)} variables, mesh {str(program.mesh) or '(one device)'})")
     return 0
 
 

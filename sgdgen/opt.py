@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from jaxlib.mlir import ir
 
 
-def _diagnostics(err: ir.MLIRError, filename: str) -> str:
+def format_diagnostics(err: ir.MLIRError, filename: str) -> str:
     """MLIR-style lines for each error diagnostic (and its notes)."""
     lines = []
 
@@ -47,20 +47,20 @@ def run_one(text: str, pipeline: str | None, filename: str) -> tuple[str, str]:
         try:
             module = ir.Module.parse(text)
         except ir.MLIRError as e:
-            return "", _diagnostics(e, filename)
+            return "", format_diagnostics(e, filename)
         if pipeline:
             try:
                 pm = build_pass_manager(pipeline, ctx)
             except PipelineError as e:
-                return "", f"sgdgen-opt: {e}\n"
+                return "", f"sgdgen-opt: error: {e}\n"
             try:
                 pm.run(module.operation)
             except ir.MLIRError as e:
-                return "", _diagnostics(e, filename)
+                return "", format_diagnostics(e, filename)
         try:
             module.operation.verify()
         except ir.MLIRError as e:
-            return "", _diagnostics(e, filename)
+            return "", format_diagnostics(e, filename)
         return str(module), ""
 
 

@@ -383,14 +383,18 @@ class VarSpec:
             raise SpecError(f"{where}: unknown field(s) {sorted(unknown)}; allowed: name, shape, dtype, layout, decay")
         for key in ("name", "shape", "dtype"):
             if key not in d:
-                raise SpecError(f"{where}: missing field {key!r}")
+                named = f" ({d['name']!r})" if "name" in d else ""
+                raise SpecError(f"{where}{named}: missing field {key!r}")
         shape = d["shape"]
         if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) for n in shape):
             raise SpecError(f"{where} ({d['name']!r}): field 'shape' must be a list of integers, got {shape!r}")
         layout = d.get("layout")
         if layout is not None and not isinstance(layout, list):
             raise SpecError(f"{where} ({d['name']!r}): field 'layout' must be a list, got {layout!r}")
-        return cls.create(d["name"], shape, d["dtype"], mesh, layout, bool(d.get("decay", True)))
+        decay = d.get("decay", True)
+        if not isinstance(decay, bool):
+            raise SpecError(f"{where} ({d['name']!r}): field 'decay' must be true or false, got {decay!r}")
+        return cls.create(d["name"], shape, d["dtype"], mesh, layout, decay)
 
 
 def tensor_type(shape: Sequence[int], element_type: str) -> str:

@@ -1,0 +1,377 @@
+"""The command line, run as users run it: `sgdgen emit | compile | inspect | demo` and
+`sgdgen-opt`, each in a subprocess of this interpreter (the installed package).
+
+Conventions checked (sgdgen/cli.py, sgdgen/opt.py): IR on stdout, diagnostics on stderr,
+exit status 2 for bad input and 1 for a failed check, never a Python traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jaxlib.mlir.dialects import stablehlo
+
+import sgdgen
+from sgdgen.ir import parse_module
+from sgdgen.pipeline import DEFAULT_PIPELINE
+
+BIN = Path(sys.executable).parent
+MESH = "batch=2,model=4"
+CONFIG = {"learning_rate": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01, "global_clipnorm": 1.0,
+          "use_ema": True, "ema_momentum": 0.9, "ema_overwrite_frequency": 5}
+VARS = [
+    {"name": "dense/kernel", "shape": [8, 16], "dtype": "float32", "layout": ["unsharded", "model"]},
+    {"name": "dense/bias", "shape": [16], "dtype": "float32", "decay": False},  # replicated (no layout)
+    {"name": "proj", "shape": [4, 8], "dtype": "float32", "layout": ["batch", "model"]},
+]
+#: sum of nbytes: 8*16*4 + 16*4 + 4*8*4
+VAR_BYTES = 512 + 64 + 128
+PASSES = ("sgd-fuse-step", "sgd-insert-collectives", "sgd-alias-buffers")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    e = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    e.update(SGDGEN_CACHE_DIR=str(tmp_path_factory.mktemp("xla-cache")), JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=8", TF_CPP_MIN_LOG_LEVEL="1")
+    return e
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    d = tmp_path_factory.mktemp("inputs")
+    (d / "config.json").write_text(json.dumps(CONFIG))
+    (d / "vars.json").write_text(json.dumps(VARS))
+    return {"config": str(d / "config.json"), "vars": str(d / "vars.json"), "dir": str(d)}
+
+
+def run(args: list[str], env: dict[str, str], *, tool: str = "sgdgen", stdin: str | None = None,
+        cwd: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "sgdgen.cli" if tool == "sgdgen" else "sgdgen.opt"]
+    if tool == "sgdgen-opt-script":
+        cmd = [str(BIN / "sgdgen-opt")]
+    elif tool == "sgdgen-script":
+        cmd = [str(BIN / "sgdgen")]
+    return subprocess.run(cmd + args, env=env, input=stdin, capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout)
+
+
+def step_args(inputs: dict[str, str], mesh: str = MESH) -> list[str]:
+    return ["--config", inputs["config"], "--mesh", mesh, "--vars", inputs["vars"]]
+
+
+def no_traceback(r: subprocess.CompletedProcess[str]) -> None:
+    assert "Traceback" not in r.stderr, r.stderr
+    assert "Traceback" not in r.stdout
+
+
+# ---- emit ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stage0(inputs: dict[str, str], env: dict[str, str]) -> str:
+    r = run(["emit", *step_args(inputs)], env)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+@pytest.fixture(scope="module")
+def lowered(inputs: dict[str, str], env: dict[str, str]) -> str:
+    r = run(["emit", *step_args(inputs), "--lowered"], env, tool="sgdgen-script")
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_emit_prints_a_verified_stage0_module(stage0: str) -> None:
+    parse_module(stage0)  # parses and verifies, or raises MLIRError
+    assert 'sdy.mesh @mesh = <["batch"=2, "model"=4]>' in stage0
+    assert "func.func public @main" in stage0
+    assert '#sdy.sharding<@mesh, [{}, {"model"}]>' in stage0
+    assert '#sdy.sharding<@mesh, [{"batch"}, {"model"}]>' in stage0
+    assert "stablehlo.all_reduce" not in stage0 and "sdy.manual_computation" not in stage0
+
+
+def test_emit_lowered_has_one_all_reduce(lowered: str) -> None:
+    parse_module(lowered)
+    # global_clipnorm on 2x4 with three differently laid-out variables: ONE all_reduce for every norm.
+    assert lowered.count("stablehlo.all_reduce") == 1
+    assert lowered.count("sdy.manual_computation") == 1
+    assert 'manual_axes={"batch", "model"}' in lowered
+    assert "replica_groups = dense<[[0, 1, 2, 3, 4, 5, 6, 7]]>" in lowered
+    # every state buffer updated in place: iterations + 3 x (variable, momentum, average)
+    assert lowered.count("tf.aliasing_output") == 1 + 3 * len(VARS)
+
+
+def test_sgdgen_opt_on_a_file_and_on_stdin(stage0: str, lowered: str, tmp_path: Path,
+                                           env: dict[str, str]) -> None:
+    f = tmp_path / "stage0.mlir"
+    f.write_text(stage0)
+    r = run([str(f), f"--pass-pipeline={DEFAULT_PIPELINE}"], env, tool="sgdgen-opt-script")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == lowered  # sgdgen-opt with the default pipeline is `emit --lowered`
+    r = run(["-", "--pass-pipeline", "builtin.module(sgd-fuse-step,canonicalize)"], env, tool="sgdgen-opt",
+            stdin=stage0)
+    assert r.returncode == 0, r.stderr
+    fused = parse_module(r.stdout)
+    assert fused is not None
+    assert "func.call" not in r.stdout and "call @" not in r.stdout  # the stages are inlined
+    assert "stablehlo.all_reduce" not in r.stdout  # not partitioned yet
+    r = run([], env, tool="sgdgen-opt", stdin=stage0)  # no pipeline: parse, verify, print
+    assert r.returncode == 0 and r.stdout == str(parse_module(stage0))
+
+
+def test_sgdgen_opt_lists_the_passes(env: dict[str, str]) -> None:
+    r = run(["--list-passes"], env, tool="sgdgen-opt-script")
+    assert r.returncode == 0, r.stderr
+    listed = [line.split(":", 1)[0] for line in r.stdout.splitlines() if line.strip()]
+    assert sorted(listed) == sorted(PASSES)
+    assert all(": " in line and len(line.split(": ", 1)[1]) > 10 for line in r.stdout.splitlines() if line)
+
+
+@pytest.mark.parametrize("pipeline,expected", [
+    ("builtin.module(sgd-no-such-pass)", "'sgd-no-such-pass' does not refer to a registered pass"),
+    ("builtin.module(sgd-fuse-step,nope-upstream)", "'nope-upstream' does not refer to a registered pass"),
+    ("builtin.module(sgd-fuse-step{x=1})", "sgd-fuse-step takes no options"),
+])
+def test_sgdgen_opt_bad_pipeline(stage0: str, env: dict[str, str], pipeline: str, expected: str) -> None:
+    r = run(["--pass-pipeline", pipeline], env, tool="sgdgen-opt", stdin=stage0)
+    assert r.returncode == 1
+    assert r.stdout == ""
+    assert r.stderr.startswith("sgdgen-opt: ") and expected in r.stderr, r.stderr
+    no_traceback(r)
+
+
+def test_sgdgen_opt_bad_ir_and_failing_pass(stage0: str, tmp_path: Path, env: dict[str, str]) -> None:
+    r = run([], env, tool="sgdgen-opt", stdin="func.func @f( {\n")
+    assert r.returncode == 1 and r.stdout == ""
+    assert re.match(r"<stdin>:1:\d+: error: ", r.stderr), r.stderr
+    no_traceback(r)
+    f = tmp_path / "s.mlir"
+    f.write_text(stage0)
+    r = run([str(f), "--pass-pipeline=builtin.module(sgd-insert-collectives)"], env, tool="sgdgen-opt")
+    assert r.returncode == 1 and r.stdout == ""
+    assert "error" in r.stderr and "sgd-insert-collectives" in r.stderr and "sgd-fuse-step first" in r.stderr
+    no_traceback(r)
+    r = run([str(tmp_path / "missing.mlir")], env, tool="sgdgen-opt")
+    assert r.returncode == 1 and "cannot read" in r.stderr and "missing.mlir" in r.stderr
+    no_traceback(r)
+
+
+GOOD_VAR = {"name": "w", "shape": [8, 16], "dtype": "float32", "layout": ["unsharded", "model"]}
+BAD_INPUTS: dict[str, tuple[Any, Any, str, list[str]]] = {
+    # name: (config, vars, mesh, pieces of the message)
+    "config-not-json": ("{not json", [GOOD_VAR], MESH, ["config", "not valid JSON"]),
+    "config-unknown-key": ({"learning_rate": 0.1, "bogus_key": 1}, [GOOD_VAR], MESH, ["config", "bogus_key"]),
+    "config-bad-value": ({"momentum": 2.0}, [GOOD_VAR], MESH, ["config", "momentum"]),
+    "config-not-object": ([1, 2], [GOOD_VAR], MESH, ["config", "JSON object"]),
+    "vars-not-json": ({}, "[{", MESH, ["vars", "not valid JSON"]),
+    "vars-empty": ({}, [], MESH, ["vars", "non-empty JSON list"]),
+    "vars-unknown-field": ({}, [{**GOOD_VAR, "layot": []}], MESH, ["vars[0]", "unknown field", "layot"]),
+    "vars-missing-field": ({}, [{"name": "w", "shape": [8]}], MESH, ["vars[0]", "missing field 'dtype'"]),
+    "vars-bad-dtype": ({}, [{**GOOD_VAR, "dtype": "int32"}], MESH, ["'w'", "dtype int32"]),
+    "vars-bad-shape": ({}, [{**GOOD_VAR, "shape": "8x16"}], MESH, ["'w'", "'shape'"]),
+    "mesh-not-name-size": ({}, [GOOD_VAR], "batch=2,model", ["--mesh", "'model'", "NAME=SIZE"]),
+    "mesh-bad-size": ({}, [GOOD_VAR], "batch=0,model=4", ["--mesh", "'batch'", "size 0"]),
+    "mesh-duplicate-axis": ({}, [GOOD_VAR], "model=2,model=4", ["--mesh", "'model'", "twice"]),
+    "unknown-axis": ({}, [{**GOOD_VAR, "layout": ["unsharded", "tensor"]}], MESH,
+                     ["'w'", "mesh axis 'tensor'", "dimension 1", "['batch', 'model']"]),
+    "layout-rank": ({}, [{**GOOD_VAR, "layout": ["model"]}], MESH, ["'w'", "rank 1", "rank 2"]),
+    "non-divisible": ({}, [{**GOOD_VAR, "shape": [8, 6]}], MESH,
+                      ["'w'", "dimension 1 of size 6 is not divisible by 4", "pad"]),
+    "duplicate-name": ({}, [GOOD_VAR, GOOD_VAR], MESH, ["'w'", "twice"]),
+    "global-clipnorm-mixed-dtypes": ({"global_clipnorm": 1.0}, [GOOD_VAR, {**GOOD_VAR, "name": "b",
+                                                                          "dtype": "bfloat16"}], MESH,
+                                     ["global_clipnorm", "bfloat16", "float32"]),
+}
+
+
+def _write_inputs(d: Path, config: Any, variables: Any) -> tuple[Path, Path]:
+    c, v = d / "c.json", d / "v.json"
+    c.write_text(config if isinstance(config, str) else json.dumps(config))
+    v.write_text(variables if isinstance(variables, str) else json.dumps(variables))
+    return c, v
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_emit_bad_input_exits_2(case: str, tmp_path: Path, env: dict[str, str]) -> None:
+    config, variables, mesh, pieces = BAD_INPUTS[case]
+    c, v = _write_inputs(tmp_path, config, variables)
+    r = run(["emit", "--config", str(c), "--mesh", mesh, "--vars", str(v)], env)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert r.stdout == ""
+    assert r.stderr.startswith("sgdgen emit: error: "), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    for piece in pieces:
+        assert piece in r.stderr, (piece, r.stderr)
+    no_traceback(r)
+
+
+def test_emit_missing_file_exits_2(tmp_path: Path, env: dict[str, str], inputs: dict[str, str]) -> None:
+    r = run(["emit", "--config", str(tmp_path / "nope.json"), "--mesh", MESH, "--vars", inputs["vars"]], env)
+    assert r.returncode == 2 and "sgdgen emit: error: config" in r.stderr and "nope.json" in r.stderr
+    no_traceback(r)
+
+
+def test_emit_rejects_non_boolean_decay(tmp_path: Path, env: dict[str, str]) -> None:
+    c, v = _write_inputs(tmp_path, {}, [{**GOOD_VAR, "decay": "no"}])
+    r = run(["emit", "--config", str(c), "--mesh", MESH, "--vars", str(v)], env)
+    assert r.returncode == 2 and "decay" in r.stderr
+
+
+@pytest.mark.parametrize("pipeline", ["builtin.module(sgd-no-such-pass)", "builtin.module(sgd-insert-collectives)"])
+def test_emit_lowered_bad_pipeline_is_not_a_traceback(pipeline: str, inputs: dict[str, str],
+                                                      env: dict[str, str]) -> None:
+    r = run(["emit", *step_args(inputs), "--lowered", "--pass-pipeline", pipeline], env)
+    assert r.returncode == 2 and r.stderr.startswith("sgdgen emit: error: ")
+    no_traceback(r)
+
+
+# ---- compile and inspect -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compiled(inputs: dict[str, str], env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("compiled") / "art"
+    r = run(["compile", *step_args(inputs), "-o", str(out)], env, tool="sgdgen-script")
+    assert r.returncode == 0, r.stderr
+    assert f"wrote {out} (3 variables, mesh {MESH})" in r.stdout
+    return out
+
+
+def test_compile_writes_an_artifact(compiled: Path) -> None:
+    m = json.loads((compiled / "manifest.json").read_text())
+    assert set(m["files"]) == {"step.mlir", "step.mlirbc", "executable-cpu.bin"}
+    assert {p.name for p in compiled.iterdir()} == set(m["files"]) | {"manifest.json"}
+    # a variable given without a layout is written out replicated
+    assert m["variables"] == [{**v, "layout": v.get("layout", ["unsharded"] * len(v["shape"]))} for v in VARS]
+    assert m["config"]["global_clipnorm"] == 1.0 and m["config"]["use_ema"] is True
+
+
+def test_compile_bad_input_exits_2(inputs: dict[str, str], env: dict[str, str], tmp_path: Path) -> None:
+    r = run(["compile", *step_args(inputs, mesh="batch=2,model=3"), "-o", str(tmp_path / "o")], env)
+    assert r.returncode == 2
+    assert r.stderr.startswith("sgdgen compile: error: ") and "not divisible by 3" in r.stderr
+    assert not (tmp_path / "o").exists()
+    no_traceback(r)
+
+
+def test_inspect_json(compiled: Path, env: dict[str, str]) -> None:
+    import jaxlib
+
+    r = run(["inspect", str(compiled), "--json"], env)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["variables"] == 3
+    assert info["parameters"] == 8 * 16 + 16 + 4 * 8
+    # variables + momenta + EMA averages, + the int64 iteration counter
+    assert info["state_bytes"] == 3 * VAR_BYTES + 8 == 2120
+    assert info["all_reduce"] == 1 and info["manual_computation"] == 1
+    assert info["aliased_buffers"] == 1 + 3 * 3
+    assert info["mesh"] == MESH
+    assert info["schema_version"] == 1 and info["sgdgen_version"] == sgdgen.__version__
+    assert info["stablehlo_target_version"] == stablehlo.get_current_version()
+    assert info["executables"]["cpu"]["jaxlib"] == jaxlib.__version__
+    assert info["config"]["momentum"] == 0.9
+
+
+def test_inspect_table(compiled: Path, env: dict[str, str]) -> None:
+    import jaxlib
+
+    r = run(["inspect", str(compiled)], {**env, "COLUMNS": "200"}, tool="sgdgen-script")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+
+    def row(key: str) -> str:
+        m = re.search(rf"{key}\s*[│|]\s*(\S[^│|]*?)\s*[│|]", out)
+        assert m, (key, out)
+        return m.group(1)
+
+    assert row("state_bytes") == "2120"
+    assert row("all_reduce") == "1"
+    assert row("variables") == "3"
+    assert row("sgdgen_version") == sgdgen.__version__
+    assert row("stablehlo_target_version") == stablehlo.get_current_version()
+    assert row("mesh") == MESH
+    assert f"jaxlib {jaxlib.__version__}" in out
+    for v in VARS:
+        assert v["name"] in out and v["dtype"] in out
+    assert "['batch', 'model']" in out and "['unsharded', 'model']" in out
+
+
+@pytest.mark.parametrize("damage,reason", [
+    ("flip-mlirbc", "step.mlirbc does not match its sha256"),
+    ("flip-executable", "executable-cpu.bin does not match its sha256"),
+    ("delete-mlir", "step.mlir is missing"),
+    ("bad-manifest", "corrupt manifest"),
+    ("no-manifest", "not an sgdgen artifact"),
+])
+def test_inspect_refuses_a_damaged_artifact(compiled: Path, tmp_path: Path, env: dict[str, str], damage: str,
+                                            reason: str) -> None:
+    import shutil
+
+    art = tmp_path / "art"
+    shutil.copytree(compiled, art)
+    if damage.startswith("flip-"):
+        f = art / ("step.mlirbc" if damage == "flip-mlirbc" else "executable-cpu.bin")
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        f.write_bytes(bytes(data))
+    elif damage == "delete-mlir":
+        (art / "step.mlir").unlink()
+    elif damage == "bad-manifest":
+        (art / "manifest.json").write_text("{")
+    else:
+        (art / "manifest.json").unlink()
+    r = run(["inspect", str(art), "--json"], env)
+    assert r.returncode == 1
+    assert r.stdout == ""
+    assert r.stderr.startswith("sgdgen inspect: ") and reason in r.stderr, r.stderr
+    assert "rewrite" in r.stderr or "sgdgen compile" in r.stderr
+    no_traceback(r)
+
+
+def test_compile_one_device_message(inputs: dict[str, str], env: dict[str, str], tmp_path: Path) -> None:
+    (tmp_path / "v.json").write_text(json.dumps([{"name": "w", "shape": [4], "dtype": "float32"}]))
+    r = run(["compile", "--config", inputs["config"], "--vars", str(tmp_path / "v.json"), "-o",
+             str(tmp_path / "o")], env)
+    assert r.returncode == 0, r.stderr
+    assert "(one device)" in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("case", ["mesh-too-large", "output-is-a-file"])
+def test_compile_errors_are_not_tracebacks(case: str, inputs: dict[str, str], env: dict[str, str],
+                                           tmp_path: Path) -> None:
+    (tmp_path / "v.json").write_text(json.dumps([{"name": "w", "shape": [16], "dtype": "float32"}]))
+    out = tmp_path / "o"
+    mesh = "x=16" if case == "mesh-too-large" else "x=2"
+    if case == "output-is-a-file":
+        out.write_text("")
+    r = run(["compile", "--config", inputs["config"], "--mesh", mesh, "--vars", str(tmp_path / "v.json"),
+             "-o", str(out)], env)
+    assert r.returncode == 2 and r.stderr.startswith("sgdgen compile: error: ")
+    no_traceback(r)
+
+
+# ---- demo ------------------------------------------------------------------------------------
+
+
+def test_demo(env: dict[str, str]) -> None:
+    r = run(["demo", "--epochs", "2", "--no-progress"], {**env, "COLUMNS": "200"}, tool="sgdgen-script",
+            timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = " ".join(r.stdout.split())
+    losses = [float(x) for x in re.findall(r"epoch \d+: loss ([0-9.eE+-]+)", out)]
+    assert len(losses) == 2 and losses[1] < losses[0], out
+    m = re.search(r"largest difference from sgdgen\.reference fed the same gradients: ([0-9.eE+-]+) "
+                  r"\(relative to the largest weight: ([0-9.eE+-]+)\)", out)
+    assert m, out
+    assert float(m.group(2)) <= 1e-5
+    assert "32 steps" in out and "FAILED" not in out
+    no_traceback(r)
