@@ -79,8 +79,7 @@ class SGD:
         self._config = SGDConfig.create(learning_rate, momentum, nesterov, amsgrad, gradients_clip_option,
                                         ema_option, jit_compile, name, **kwargs)
         self._mesh = Mesh.of(mesh) if mesh is not None else None
-        self._iterations = Variable(np.int64(0), name="iteration", mesh=self._mesh, dtype=np.int64,
-                                    _integer_ok=True)
+        self._iterations = Variable(np.int64(0), name="iteration", mesh=self._mesh, dtype=np.int64)
         self._built = False
         self._index: dict[int, int] = {}
         self._tracked: list[Variable] = []
@@ -212,8 +211,7 @@ class SGD:
         mesh = self._common_mesh(var_list)
         if self._iterations.mesh != mesh:
             it = self._iterations.numpy()
-            self._iterations = Variable(it, name="iteration", layout=Layout.replicated(mesh, 0), dtype=np.int64,
-                                        _integer_ok=True)
+            self._iterations = Variable(it, name="iteration", layout=Layout.replicated(mesh, 0), dtype=np.int64)
         for k, v in enumerate(var_list):
             self._index[v._unique_id] = k
         self._tracked = var_list
@@ -227,6 +225,7 @@ class SGD:
             if not isinstance(v, Variable):
                 raise TypeError(f"expected sgdgen.Variable, got {type(v).__name__}; wrap arrays with "
                                 "sgdgen.Variable(array, layout=..., name=...)")
+            canonical_dtype(v.dtype, what=f"variable {v.name!r}")  # integer variables are refused here
         mesh = self._mesh if self._mesh is not None else (var_list[0].mesh if var_list else Mesh(()))
         for v in var_list:
             if v.mesh != mesh:
@@ -310,14 +309,14 @@ class SGD:
         if shape != v.shape:
             raise ValueError(f"gradient for variable {v.name!r} has shape {list(shape)}, but the variable has shape "
                              f"{list(v.shape)}; pass a gradient of the variable's shape")
-        dtype = np.dtype(getattr(g, "dtype", np.asarray(g).dtype))
+        if hasattr(g, "is_deleted") and g.is_deleted():
+            raise ValueError(f"gradient for variable {v.name!r} is a deleted (donated) array; pass a live array")
+        dtype = np.dtype(g.dtype) if hasattr(g, "dtype") else np.asarray(g).dtype  # no host copy of a jax.Array
         if dtype != v.dtype:
             raise TypeError(f"gradient for variable {v.name!r} has dtype {dtype}, but the variable is {v.dtype} "
                             f"(tf_keras does not cast); cast it with .astype({v.dtype})")
         want = v.layout.named_sharding()
         if hasattr(g, "sharding"):
-            if g.is_deleted():
-                raise ValueError(f"gradient for variable {v.name!r} is a deleted (donated) array")
             if equivalent(g.sharding, want, len(shape)):
                 return g
             if getattr(g, "committed", True) and len(g.sharding.device_set) > 1:
@@ -365,7 +364,7 @@ class SGD:
         core = dataclasses.replace(self._config, learning_rate=float(self.learning_rate), clipnorm=None,
                                    clipvalue=None, global_clipnorm=None, weight_decay=None, use_ema=False)
         scratch = Variable(np.int64(0), name="update_step_counter", layout=Layout.replicated(self.mesh, 0),
-                           dtype=np.int64, _integer_ok=True)
+                           dtype=np.int64)
         self._run([variable], [g], core, [False], iterations=scratch)
 
     def compute_gradients(self, loss: Callable[[], Any], var_list: Any, tape: Any = None) -> list[tuple[Any, Variable]]:

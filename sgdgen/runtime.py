@@ -112,8 +112,9 @@ class StepExecutable:
                                      "jax.device_put it with that sharding")
             if id(a) in seen:
                 raise StepInputError(f"{what}: the same array is also passed as {seen[id(a)]}; "
-                                     "pass distinct arrays (donated buffers cannot be shared)")
-            seen[id(a)] = what
+                                     "a donated state buffer cannot be passed twice: pass distinct arrays")
+            if slot.role not in ("gradient", "learning_rate"):  # donated: must be unique
+                seen[id(a)] = what
 
     def __call__(self, args: Sequence[Any], *, check: bool = True) -> list[Any]:
         """Runs one step; returns the new state in `abi.outputs` order."""

@@ -18,6 +18,18 @@ from sgdgen.spec import Layout, Mesh, SpecError, canonical_dtype, numpy_dtype
 _ids = itertools.count()
 
 
+def _dtype(dtype: Any, name: str | None) -> np.dtype:
+    """A float dtype sgdgen can update, or an integer one (a counter such as `iterations`,
+    which the optimizer holds but never updates with gradients)."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt is not None and dt.kind in "iu":
+        return dt
+    return numpy_dtype(canonical_dtype(dtype, what=f"variable {name!r}"))
+
+
 def _canonical_name(name: str | None, default: str) -> tuple[str, str]:
     """(TF-style name with ':0', shared name without it)."""
     base = name if name else default
@@ -35,23 +47,17 @@ class Variable:
       layout: a `Layout`, DTensor `sharding_specs` (with `mesh`), or None (replicated).
       name: TF-style; `.name` gets a ':0' suffix as tf.Variable's does (SEMANTICS decision 6).
       mesh: the mesh, when `layout` is given as specs or omitted (default: one device).
-      dtype: optional dtype to cast to.
+      dtype: optional dtype to cast to. Floating dtypes are what the optimizer updates; an
+        integer variable (a step counter) may exist, but `SGD` refuses to update it.
       trainable: kept for Keras compatibility.
     """
 
     def __init__(self, initial_value: Any, *, layout: Layout | Any = None, name: str | None = None,
-                 mesh: Mesh | Any = None, dtype: Any = None, trainable: bool = True, _integer_ok: bool = False):
+                 mesh: Mesh | Any = None, dtype: Any = None, trainable: bool = True):
         host = np.asarray(initial_value) if not hasattr(initial_value, "sharding") else initial_value
-        if isinstance(initial_value, (float, int, list, tuple)) and host.dtype == np.float64 or (
-                isinstance(initial_value, (int, list, tuple)) and host.dtype.kind == "i" and not _integer_ok):
-            host = host.astype(np.float32)  # Python numbers default to floatx (float32), as tf.Variable
-        if dtype is not None:
-            dt = np.dtype(np.int64) if _integer_ok and np.dtype(dtype) == np.int64 else numpy_dtype(
-                canonical_dtype(dtype, what=f"variable {name!r}"))
-        else:
-            dt = np.dtype(host.dtype)
-            if not _integer_ok:
-                dt = numpy_dtype(canonical_dtype(dt, what=f"variable {name!r}"))
+        if isinstance(initial_value, (float, list, tuple)) and host.dtype == np.float64:
+            host = host.astype(np.float32)  # Python floats default to floatx (float32), as tf.Variable
+        dt = _dtype(dtype if dtype is not None else host.dtype, name)
         self.name, self._shared_name = _canonical_name(name, "Variable")
         if isinstance(layout, Layout):
             lay = layout
