@@ -51,23 +51,8 @@ STEPS = 5
 
 
 @pytest.fixture(scope="module", autouse=True)
-def xla_cache(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """SGDGEN_CACHE_DIR and JAX's persistent cache at a temporary directory for this module.
-
-    configure_persistent_cache keeps a directory already set in this process (an earlier
-    test module may have set one), so the path is also passed explicitly; the previous
-    setting is restored afterwards.
-    """
-    from jax._src import compilation_cache
-
-    d = tmp_path_factory.mktemp("xla-cache")
-    previous = jax.config.jax_compilation_cache_dir
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SGDGEN_CACHE_DIR", str(d))
-        assert program_mod.configure_persistent_cache(d) == str(d)
-        yield d
-    jax.config.update("jax_compilation_cache_dir", previous)
-    compilation_cache.reset_cache()
+def xla_cache(private_xla_cache: Path) -> Path:
+    return private_xla_cache
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from pathlib import Path
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import sgdgen
@@ -43,26 +44,8 @@ CONFIG_KEYS = ["name", "weight_decay", "clipnorm", "global_clipnorm", "clipvalue
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _private_compilation_cache(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """Points sgdgen (and so JAX's persistent cache) at an empty directory for this module.
-
-    `configure_persistent_cache` keeps a directory set earlier, so the path is passed
-    explicitly as well as through SGDGEN_CACHE_DIR; the previous setting is restored.
-    """
-    from jax._src import compilation_cache
-
-    mp = pytest.MonkeyPatch()
-    path = tmp_path_factory.mktemp("sgdgen-cache")
-    mp.setenv("SGDGEN_CACHE_DIR", str(path))
-    previous = jax.config.jax_compilation_cache_dir
-    program.configure_persistent_cache(str(path))
-    yield path
-    mp.undo()
-    if previous:
-        program.configure_persistent_cache(previous)
-    else:
-        jax.config.update("jax_compilation_cache_dir", None)
-        compilation_cache.reset_cache()
+def _private_compilation_cache(private_xla_cache: Path) -> Path:
+    return private_xla_cache
 
 
 _uid = itertools.count()

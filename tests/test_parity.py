@@ -64,22 +64,8 @@ SHAPES = [(8, 16), (16,), (4, 4, 3), ()]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _private_compilation_cache(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """sgdgen's compiled steps go to an empty directory, not ~/.cache (restored afterwards)."""
-    from jax._src import compilation_cache
-
-    mp = pytest.MonkeyPatch()
-    path = tmp_path_factory.mktemp("sgdgen-cache-parity")
-    mp.setenv("SGDGEN_CACHE_DIR", str(path))
-    previous = jax.config.jax_compilation_cache_dir
-    program.configure_persistent_cache(str(path))
-    yield path
-    mp.undo()
-    if previous:
-        program.configure_persistent_cache(previous)
-    else:
-        jax.config.update("jax_compilation_cache_dir", None)
-        compilation_cache.reset_cache()
+def _private_compilation_cache(private_xla_cache: Path) -> Path:
+    return private_xla_cache
 
 
 @pytest.fixture(scope="module")
