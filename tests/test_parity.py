@@ -49,6 +49,7 @@ import os
 os.environ["KERAS_BACKEND"] = "jax"  # before keras is imported (conftest already set XLA_FLAGS)
 
 from typing import Any  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
