@@ -89,6 +89,7 @@ class SGD:
         self._exclude_ids: set[int] = set()
         self._exclude_names: list[str] = []
         self._specs: dict[tuple[Any, ...], tuple[VarSpec, ...]] = {}  # per variable set: no revalidation per step
+        self._lr_cache: tuple[Any, Any] | None = None
 
     # ---- configuration -----------------------------------------------------------------
     @property
@@ -344,7 +345,7 @@ class SGD:
             state += [self._averages[k].value for k in idx]
         args = state + list(grads)
         if not config.lr_is_schedule:
-            args.append(step.put(step.abi.inputs[-1], np.float32(config.learning_rate)))
+            args.append(self._lr_array(step, np.float32(config.learning_rate)))
         try:
             step.check(args)
         except StepInputError as e:
@@ -355,6 +356,13 @@ class SGD:
             owners += [self._averages[k] for k in idx]
         for owner, value in zip(owners, out):
             owner._value = value
+
+    def _lr_array(self, step: Any, lr: np.float32) -> Any:
+        """The learning-rate argument, transferred once per value (it is not donated)."""
+        key = (lr.tobytes(), step.abi.inputs[-1].layout)
+        if self._lr_cache is None or self._lr_cache[0] != key:
+            self._lr_cache = (key, step.put(step.abi.inputs[-1], lr))
+        return self._lr_cache[1]
 
     def update_step(self, gradient: Any, variable: Variable) -> None:
         """The per-variable update alone (momentum / Nesterov with the current learning rate):
