@@ -92,11 +92,3 @@ def arg_attrs(func: ir.Operation, index: int, results: bool = False) -> ir.DictA
     if key not in func.attributes:
         return None
     return ir.DictAttr(ir.ArrayAttr(func.attributes[key])[index])
-
-
-def tensor_shape(t: ir.Type) -> tuple[int, ...]:
-    return tuple(ir.RankedTensorType(t).shape)
-
-
-def element_type(t: ir.Type) -> ir.Type:
-    return ir.RankedTensorType(t).element_type

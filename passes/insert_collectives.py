@@ -46,7 +46,7 @@ from jaxlib.mlir.dialects import func, sdy, stablehlo
 
 from sgdgen.passes import register
 from sgdgen.passes.common import (PassError, arg_attrs, body_block, body_ops, find_main, guarded, module_of,
-                                  symbol_name, tensor_shape, top_ops)
+                                  symbol_name, top_ops)
 
 NAME = "sgd-insert-collectives"
 

@@ -34,11 +34,3 @@ def parse_module(text: str, ctx: ir.Context | None = None) -> ir.Module:
         module.operation.verify()
     return module
 
-
-def to_bytecode(module: ir.Module) -> bytes:
-    """MLIR bytecode of the module (not the versioned portable artifact)."""
-    import io
-
-    buf = io.BytesIO()
-    module.operation.write_bytecode(buf)
-    return buf.getvalue()

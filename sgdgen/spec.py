@@ -138,10 +138,6 @@ class Mesh:
     def axis_size(self, name: str) -> int:
         return self.shape[name]
 
-    def device_array(self) -> np.ndarray:
-        """Device ids as an array of the mesh's shape."""
-        return np.asarray(self.device_ids, dtype=np.int64).reshape([s for _, s in self.axes])
-
     def __str__(self) -> str:
         return ",".join(f"{a}={s}" for a, s in self.axes)
 
@@ -293,12 +289,6 @@ class Layout:
         if jax_mesh is None:
             return _default_named_sharding(self)
         return NamedSharding(jax_mesh, self.partition_spec())
-
-    @classmethod
-    def from_partition_spec(cls, spec: Any, mesh: Mesh | Any, rank: int) -> Layout:
-        """From a PartitionSpec, padded with unsharded dimensions up to `rank`."""
-        entries = list(spec) + [None] * (rank - len(tuple(spec)))
-        return cls(entries, mesh)
 
 
 @functools.lru_cache(maxsize=4096)
