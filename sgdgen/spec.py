@@ -149,12 +149,14 @@ class Mesh:
         return cls(tuple((a, s) for a, s in d["axes"]), d.get("device_ids", ()))
 
     def sdy_mesh_text(self, name: str = "mesh") -> str:
-        """`sdy.mesh @mesh = <["batch"=2, "model"=4]>` (device ids when not the identity order)."""
+        """`sdy.mesh @mesh = <["batch"=2, "model"=4]>`.
+
+        Device ids are not part of the program: the runtime compiles with this mesh's
+        device order as the device assignment, so partition k runs on `device_ids[k]` and
+        the same module serves any permutation of devices.
+        """
         axes = ", ".join(f'"{a}"={s}' for a, s in self.axes)
-        ids = ""
-        if self.device_ids != tuple(range(self.size)):
-            ids = ", device_ids=[" + ", ".join(map(str, self.device_ids)) + "]"
-        return f"sdy.mesh @{name} = <[{axes}]{ids}>"
+        return f"sdy.mesh @{name} = <[{axes}]>"
 
     def to_jax(self, devices: Sequence[Any] | None = None) -> Any:
         """A `jax.sharding.Mesh` over this mesh's device ids (from `jax.devices()` by default)."""
@@ -263,14 +265,18 @@ class Layout:
         return f"#sdy.sharding<@{mesh_name}, [{dims}]>"
 
     def hlo_sharding_text(self) -> str:
-        """The `mhlo.sharding` string, e.g. `{devices=[1,4,2]0,2,4,6,1,3,5,7 last_tile_dim_replicate}`."""
+        """The `mhlo.sharding` string, e.g. `{devices=[1,4,2]0,4,1,5,2,6,3,7 last_tile_dim_replicate}`.
+
+        Its numbers are partition indices (positions in the mesh), which the device
+        assignment maps to device ids, as in HLO.
+        """
         if not self.used_axes:
             return "{replicated}"
         names = list(self.mesh.axis_names)
         order = [names.index(a) for a in self.used_axes] + [names.index(a) for a in self.replicated_axes]
         tiles = [self.shards(i) for i in range(self.rank)]
         rep = math.prod(self.mesh.axis_size(a) for a in self.replicated_axes)
-        arr = np.asarray(self.mesh.device_ids).reshape([s for _, s in self.mesh.axes]).transpose(order)
+        arr = np.arange(self.mesh.size).reshape([s for _, s in self.mesh.axes]).transpose(order)
         dims = tiles + ([rep] if rep > 1 else [])
         ids = ",".join(str(int(x)) for x in arr.reshape(-1))
         tail = " last_tile_dim_replicate" if rep > 1 else ""
