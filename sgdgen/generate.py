@@ -22,7 +22,7 @@ import numpy as np
 
 from sgdgen import __version__
 from sgdgen.abi import StepABI
-from sgdgen.spec import MLIR_ELEMENT_TYPES, Mesh, SpecError, VarSpec, numpy_dtype, tensor_type
+from sgdgen.spec import Mesh, VarSpec, numpy_dtype, tensor_type
 
 #: The wide type that accumulates the norm of a variable of each element type (SEMANTICS §6).
 WIDE = {"f16": "f32", "bf16": "f32", "f32": "f64", "f64": "f64"}
@@ -308,5 +308,5 @@ def generate(config: Any, variables: Sequence[VarSpec], mesh: Mesh | None = None
     return parse_module(generate_text(config, variables, mesh), ctx)
 
 
-__all__ = ["GenerateError", "SpecError", "WIDE", "generate", "generate_text", "hex_literal", "render",
-           "render_schedule", "template_names", "MLIR_ELEMENT_TYPES"]
+__all__ = ["GenerateError", "WIDE", "generate", "generate_text", "hex_literal", "render", "render_schedule",
+           "template_names"]
