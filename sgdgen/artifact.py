@@ -123,9 +123,7 @@ class Artifact:
             warnings.warn(f"artifact {self.path}: {why}; rebuilding the step from step.mlirbc "
                           f"(jaxlib {fp['jaxlib']}, {fp['platform']})", stacklevel=2)
             exe, _ = pjrt.compile_cached(_from_portable((self.path / "step.mlirbc").read_bytes()), devices)
-        step = StepExecutable(exe, self.program.abi, self.program.mesh, self.program.mesh.to_jax(devices))
-        step.require_in_place()
-        return step
+        return StepExecutable.wrap(exe, self.program.abi, self.program.mesh)
 
 
 def read(path: str | os.PathLike[str], *, mesh: Mesh | None = None,

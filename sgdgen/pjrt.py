@@ -13,14 +13,6 @@ from typing import Any
 import numpy as np
 
 
-def _jax() -> tuple[Any, Any, Any]:
-    import jax
-    from jax._src import compiler, xla_bridge
-    from jax._src.lib import _jax as xc
-
-    return jax, compiler, (xla_bridge, xc)
-
-
 def devices_for(device_ids: Sequence[int]) -> list[Any]:
     """jax devices with these ids, in this order (raises naming the missing ids)."""
     import jax
@@ -37,7 +29,8 @@ def devices_for(device_ids: Sequence[int]) -> list[Any]:
 
 def compile_options(devices: Sequence[Any]) -> Any:
     """XLA compile options for one SPMD program over `devices` (partitions, no replicas)."""
-    _, compiler, (xla_bridge, _) = _jax()
+    from jax._src import compiler, xla_bridge
+
     opts = compiler.get_compile_options(
         num_replicas=1,
         num_partitions=len(devices),
@@ -53,7 +46,9 @@ def compile_options(devices: Sequence[Any]) -> Any:
 
 def compile_text(text: str, devices: Sequence[Any]) -> Any:
     """Compiles a StableHLO module (text) into a loaded executable on `devices`."""
-    _, _, (xla_bridge, xc) = _jax()
+    from jax._src import xla_bridge
+    from jax._src.lib import _jax as xc
+
     client = xla_bridge.get_backend()
     return client.compile_and_load(text, xc.DeviceList(tuple(devices)), compile_options(devices))
 
@@ -64,7 +59,8 @@ def execute(executable: Any, args: Sequence[Any], out_shardings: Sequence[Any], 
     The caller must have checked every argument (shape, dtype, sharding, devices, no
     array twice): on several devices a mismatch here ends the process (RUNTIME-NOTES Q1).
     """
-    _, _, (_, xc) = _jax()
+    from jax._src.lib import _jax as xc
+
     results = executable.execute_sharded(list(args))
     handlers = [xc.array_result_handler(aval, sharding, committed=True, _skip_checks=True)
                 for aval, sharding in zip(out_avals, out_shardings)]

@@ -129,16 +129,15 @@ def executable_for(program: StepProgram) -> StepExecutable:
         STATS.disk_hits += 1
     else:
         STATS.compiles += 1
-    step = StepExecutable(exe, program.abi, program.mesh, program.mesh.to_jax(devices))
-    step.require_in_place()
+    step = StepExecutable.wrap(exe, program.abi, program.mesh)
     _MEMORY[program.key] = step
     _BY_SIGNATURE[sig] = step
     return step
 
 
 def register_executable(program: StepProgram, step: StepExecutable) -> None:
-    """Makes `step` (e.g. loaded from an artifact) the executable of `program` in this process."""
-    step.require_in_place()
+    """Makes `step` (e.g. loaded from an artifact; `StepExecutable.wrap` has checked its
+    aliasing) the executable of `program` in this process."""
     _MEMORY[program.key] = step
     _BY_SIGNATURE[signature(program)] = step
 

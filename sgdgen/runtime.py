@@ -43,7 +43,6 @@ class StepExecutable:
     executable: Any
     abi: StepABI
     mesh: Mesh
-    jax_mesh: Any
 
     def __post_init__(self) -> None:
         # Computed once: the per-step path only compares against these.
@@ -61,9 +60,14 @@ class StepExecutable:
         With `in_place` (the default) the executable must alias every state buffer,
         as the lowered module does; stage 0 (no aliasing yet) needs `in_place=False`.
         """
-        devices = pjrt.devices_for(mesh.device_ids)
-        exe = pjrt.compile_text(text, devices)
-        step = cls(exe, abi, mesh, mesh.to_jax(devices))
+        exe = pjrt.compile_text(text, pjrt.devices_for(mesh.device_ids))
+        return cls.wrap(exe, abi, mesh, in_place=in_place)
+
+    @classmethod
+    def wrap(cls, executable: Any, abi: StepABI, mesh: Mesh, *, in_place: bool = True) -> StepExecutable:
+        """An already compiled (or loaded) executable with its calling convention; with
+        `in_place`, refused unless it aliases every state buffer."""
+        step = cls(executable, abi, mesh)
         if in_place:
             step.require_in_place()
         return step
