@@ -17,9 +17,9 @@ import test_numerics as tn  # noqa: E402
 import test_partitioned as tp  # noqa: E402
 from stepdriver import run_against_reference  # noqa: E402
 
-from sgdgen.config import SGDConfig  # noqa: E402
-from sgdgen.pipeline import run_pipeline  # noqa: E402
-from sgdgen.spec import Mesh  # noqa: E402
+from sgdgen.frontend.config import SGDConfig  # noqa: E402
+from sgdgen.codegen.pipeline import run_pipeline  # noqa: E402
+from sgdgen.frontend.spec import Mesh  # noqa: E402
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """sgdgen's MLIR passes, registered by name (imported as `sgdgen.passes`).
 
 Each pass is a Python callable `run(op, pass_)` over a `builtin.module`, added to a
-`jaxlib.mlir.passmanager.PassManager` under its name by `sgdgen.pipeline`, so that a
+`jaxlib.mlir.passmanager.PassManager` under its name by `sgdgen.codegen.pipeline`, so that a
 pipeline string mixes them freely with upstream passes:
 
     builtin.module(sgd-fuse-step,sgd-insert-collectives,sgd-alias-buffers,canonicalize,cse)

@@ -1,7 +1,7 @@
 """`sgd-alias-buffers`: every state result of @main updates its argument in place.
 
 @main's first `sgdgen.state_count` arguments are the state (iterations, variables,
-momenta, EMA averages; `sgdgen.abi.StepABI`), and result k is the new value of
+momenta, EMA averages; `sgdgen.codegen.abi.StepABI`), and result k is the new value of
 argument k. The pass checks that each such pair has the same type and sharding and
 marks the argument `tf.aliasing_output = k`, which XLA turns into an input/output
 alias (the buffer is donated and reused). The runtime then refuses to run a

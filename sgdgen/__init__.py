@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 # Installed, passes/ and templates/ live inside this package (pyproject's package-dir map).
-# In a source checkout they sit beside it; let `python -m sgdgen.cli` run from the checkout
+# In a source checkout they sit beside it; let `python -m sgdgen.tools.cli` run from the checkout
 # root (which puts the source tree first on sys.path) find them there.
 import os as _os
 
@@ -12,11 +12,17 @@ if not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "templates")) an
         _os.path.join(_root, "templates", "__init__.py")):
     __path__.append(_root)  # noqa: F821  (the package's own __path__)
 
-from sgdgen import schedules
-from sgdgen.config import EMAOption, GradientsClipOption, SGDConfig
-from sgdgen.optimizer import SGD
-from sgdgen.spec import Layout, Mesh, SpecError, VarSpec
-from sgdgen.variable import Variable
+import sys as _sys
+
+from sgdgen.api.sgd import SGD
+from sgdgen.api.variable import Variable
+from sgdgen.frontend import schedules
+from sgdgen.frontend.config import EMAOption, GradientsClipOption, SGDConfig
+from sgdgen.frontend.spec import Layout, Mesh, SpecError, VarSpec
+
+# `sgdgen.schedules` is public API (Keras' `keras.optimizers.schedules`): `from sgdgen.schedules
+# import CosineDecay` keeps working although the module lives in the frontend stage.
+_sys.modules.setdefault("sgdgen.schedules", schedules)
 
 
 __all__ = ["EMAOption", "GradientsClipOption", "Layout", "Mesh", "SGD", "SGDConfig", "SpecError", "VarSpec",

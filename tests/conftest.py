@@ -26,7 +26,7 @@ def private_xla_cache(tmp_path_factory: pytest.TempPathFactory):
     import jax
     from jax._src import compilation_cache
 
-    from sgdgen import program
+    from sgdgen.runtime import program
 
     path = tmp_path_factory.mktemp("xla-cache")
     previous = jax.config.jax_compilation_cache_dir

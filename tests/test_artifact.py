@@ -1,4 +1,4 @@
-"""Artifact directories (sgdgen.artifact): what is written, what a load verifies and refuses,
+"""Artifact directories (sgdgen.io.artifact): what is written, what a load verifies and refuses,
 the rebuild from step.mlirbc, SGD.save_artifact / load_artifact, and the persistent
 compilation cache seen from a second process.
 
@@ -25,12 +25,13 @@ import numpy as np
 import pytest
 
 import sgdgen
-from sgdgen import artifact, program as program_mod
-from sgdgen.artifact import SCHEMA_VERSION, ArtifactError
-from sgdgen.config import SGDConfig
-from sgdgen.program import STATS, StepProgram
-from sgdgen.runtime import StepExecutable
-from sgdgen.spec import Mesh, VarSpec
+from sgdgen.io import artifact
+from sgdgen.runtime import program as program_mod
+from sgdgen.io.artifact import SCHEMA_VERSION, ArtifactError
+from sgdgen.frontend.config import SGDConfig
+from sgdgen.runtime.program import STATS, StepProgram
+from sgdgen.runtime.executable import StepExecutable
+from sgdgen.frontend.spec import Mesh, VarSpec
 
 MESH = Mesh.parse("batch=2,model=4")
 CONFIG = SGDConfig.create(learning_rate=0.1, momentum=0.9, nesterov=True, weight_decay=0.01, global_clipnorm=1.0,
@@ -195,7 +196,7 @@ def test_manifest_fields(written: Path, prog: StepProgram) -> None:
 def _deserialized(path: Path) -> str:
     from jaxlib.mlir.dialects import stablehlo
 
-    from sgdgen.ir import make_context
+    from sgdgen.codegen.ir import make_context
 
     ctx = make_context()
     with ctx:
@@ -502,7 +503,7 @@ _CHILD = textwrap.dedent("""
     import json
     import numpy as np
     import sgdgen
-    from sgdgen.program import STATS
+    from sgdgen.runtime.program import STATS
 
     mesh = sgdgen.Mesh({"batch": 2, "model": 4})
     w = sgdgen.Variable(np.arange(32, dtype=np.float32).reshape(4, 8), name="w",

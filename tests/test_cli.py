@@ -19,8 +19,8 @@ import pytest
 from jaxlib.mlir.dialects import stablehlo
 
 import sgdgen
-from sgdgen.ir import parse_module
-from sgdgen.pipeline import DEFAULT_PIPELINE
+from sgdgen.codegen.ir import parse_module
+from sgdgen.codegen.pipeline import DEFAULT_PIPELINE
 
 BIN = Path(sys.executable).parent
 MESH = "batch=2,model=4"
@@ -54,7 +54,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 def run(args: list[str], env: dict[str, str], *, tool: str = "sgdgen", stdin: str | None = None,
         cwd: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "sgdgen.cli" if tool == "sgdgen" else "sgdgen.opt"]
+    cmd = [sys.executable, "-m", "sgdgen.tools.cli" if tool == "sgdgen" else "sgdgen.tools.opt"]
     if tool == "sgdgen-opt-script":
         cmd = [str(BIN / "sgdgen-opt")]
     elif tool == "sgdgen-script":

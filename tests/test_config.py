@@ -1,4 +1,4 @@
-"""sgdgen.config: SGDConfig merging, validation (SEMANTICS §1, §2), get_config/from_config (§8)."""
+"""sgdgen.frontend.config: SGDConfig merging, validation (SEMANTICS §1, §2), get_config/from_config (§8)."""
 
 import dataclasses
 import json
@@ -7,8 +7,8 @@ import warnings
 import numpy as np
 import pytest
 
-from sgdgen import schedules as S
-from sgdgen.config import EMAOption, GradientsClipOption, SGDConfig
+from sgdgen.frontend import schedules as S
+from sgdgen.frontend.config import EMAOption, GradientsClipOption, SGDConfig
 
 DEFAULT_CONFIG = {
     "name": "SGD",

@@ -8,11 +8,11 @@ import itertools
 
 import pytest
 
-from sgdgen import schedules
-from sgdgen.config import SGDConfig
-from sgdgen.generate import GenerateError, generate, generate_text, template_names
-from sgdgen.pipeline import run_pipeline
-from sgdgen.spec import Mesh, VarSpec
+from sgdgen.frontend import schedules
+from sgdgen.frontend.config import SGDConfig
+from sgdgen.codegen.generate import GenerateError, generate, generate_text, template_names
+from sgdgen.codegen.pipeline import run_pipeline
+from sgdgen.frontend.spec import Mesh, VarSpec
 
 MESH = Mesh.parse("batch=2,model=4")
 VARS = [

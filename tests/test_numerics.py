@@ -14,11 +14,12 @@ import math
 
 import numpy as np
 import pytest
-from stepdriver import assert_matches, compile_step, run_against_reference
+from support.stepdriver import assert_matches, compile_step, run_against_reference
 
-from sgdgen import pjrt, schedules
-from sgdgen.config import SGDConfig
-from sgdgen.spec import Mesh, VarSpec
+from sgdgen import backend
+from sgdgen.frontend import schedules
+from sgdgen.frontend.config import SGDConfig
+from sgdgen.frontend.spec import Mesh, VarSpec
 
 ONE_DEVICE = Mesh(())
 
@@ -65,7 +66,7 @@ CASES = {
     "f16-full": (FULL, "float16", True),
 }
 
-#: Every schedule kind of sgdgen.schedules, with its interesting points inside 10 steps.
+#: Every schedule kind of sgdgen.frontend.schedules, with its interesting points inside 10 steps.
 SCHEDULES = {
     "ExponentialDecay": schedules.ExponentialDecay(0.1, decay_steps=3, decay_rate=0.5),
     "ExponentialDecay-staircase": schedules.ExponentialDecay(0.1, decay_steps=3, decay_rate=0.5, staircase=True),
@@ -110,13 +111,13 @@ def test_schedule_with_momentum(schedule):
 
 def test_changing_float_learning_rate_does_not_recompile(monkeypatch):
     compiles = []
-    real = pjrt.compile_text
+    real = backend.compile_text
 
     def counting(text, devices):
         compiles.append(text)
         return real(text, devices)
 
-    monkeypatch.setattr(pjrt, "compile_text", counting)
+    monkeypatch.setattr(backend, "compile_text", counting)
     config = SGDConfig.create(learning_rate=0.1, momentum=0.9, weight_decay=0.05, clipnorm=1.0)
     lrs = [0.1, 0.05, 0.2, 0.01, 0.3, 0.1, 0.0, 0.07, 0.15, 0.02]
     result = run_against_reference(config, model(), ONE_DEVICE, steps=10, lr_schedule_of_values=lrs)

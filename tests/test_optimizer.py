@@ -8,7 +8,7 @@ call that raises changes nothing (decision 15), bit for bit. On 8 devices a mism
 argument that reached the executable would end the process (RUNTIME-NOTES Q1), so the
 error tests on the mesh also prove that sgdgen checks before it runs: they survive.
 
-Compile counting uses `sgdgen.program.STATS` (compiles + disk_hits: the number of
+Compile counting uses `sgdgen.runtime.program.STATS` (compiles + disk_hits: the number of
 executables obtained other than from this process's memory). Where a count matters the
 model gets a variable of a shape no other test uses, so that no earlier test's program
 can be reused (the lowered program does not depend on variable names).
@@ -30,9 +30,10 @@ from pathlib import Path
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import sgdgen
-from sgdgen import program, reference
-from sgdgen.config import EMAOption, GradientsClipOption
-from sgdgen.schedules import ExponentialDecay, PiecewiseConstantDecay
+from sgdgen import reference
+from sgdgen.runtime import program
+from sgdgen.frontend.config import EMAOption, GradientsClipOption
+from sgdgen.frontend.schedules import ExponentialDecay, PiecewiseConstantDecay
 
 MESH = sgdgen.Mesh({"batch": 2, "model": 4})
 ONE = sgdgen.Mesh(())
@@ -540,14 +541,14 @@ def test_second_optimizer_reuses_the_executable_from_memory() -> None:
 def test_a_step_with_a_known_signature_does_not_rerun_the_pass_pipeline(monkeypatch: pytest.MonkeyPatch) -> None:
     """Only the first step of a signature generates and lowers the program (the pass pipeline
     costs about 0.5 s for 100 variables): later steps find the executable by signature."""
-    import sgdgen.pipeline
+    import sgdgen.codegen.pipeline
 
     variables = with_fresh_signature(make_model(ONE, seed=19), ONE)
     opt = sgdgen.SGD(0.1, momentum=0.9)
     opt.apply_gradients(zip(gradients(np.random.default_rng(0), variables, 0), variables))
     calls = []
-    real = sgdgen.pipeline.run_pipeline
-    monkeypatch.setattr(sgdgen.pipeline, "run_pipeline", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = sgdgen.codegen.pipeline.run_pipeline
+    monkeypatch.setattr(sgdgen.codegen.pipeline, "run_pipeline", lambda *a, **k: calls.append(1) or real(*a, **k))
     opt.apply_gradients(zip(gradients(np.random.default_rng(1), variables, 1), variables))
     assert calls == []
 

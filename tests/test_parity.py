@@ -57,7 +57,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import sgdgen  # noqa: E402
-from sgdgen import program  # noqa: E402
+from sgdgen.runtime import program  # noqa: E402
 
 STEPS = 20
 RTOL = 1e-6
@@ -159,7 +159,7 @@ def test_matches_keras3(keras: Any, case: str) -> None:
 
 def test_matches_keras3_exponential_decay(keras: Any) -> None:
     init, grads = problem(seed=42)
-    ours = sgdgen.schedules.ExponentialDecay(0.2, decay_steps=4, decay_rate=0.5)
+    ours = sgdgen.frontend.schedules.ExponentialDecay(0.2, decay_steps=4, decay_rate=0.5)
     theirs = keras.optimizers.schedules.ExponentialDecay(0.2, decay_steps=4, decay_rate=0.5)
     assert_same_trajectory(sgdgen_trajectory(dict(learning_rate=ours, momentum=0.9, weight_decay=0.05), init, grads),
                            keras_trajectory(keras, dict(learning_rate=theirs, momentum=0.9, weight_decay=0.05),

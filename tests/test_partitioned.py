@@ -13,13 +13,13 @@ import re
 
 import numpy as np
 import pytest
-from stepdriver import assert_matches, compile_step, run_against_reference
+from support.stepdriver import assert_matches, compile_step, run_against_reference
 
-from sgdgen import pjrt
-from sgdgen.config import SGDConfig
-from sgdgen.pipeline import run_pipeline
-from sgdgen.schedules import CosineDecay, PiecewiseConstantDecay
-from sgdgen.spec import Mesh, VarSpec
+from sgdgen import backend
+from sgdgen.frontend.config import SGDConfig
+from sgdgen.codegen.pipeline import run_pipeline
+from sgdgen.frontend.schedules import CosineDecay, PiecewiseConstantDecay
+from sgdgen.frontend.spec import Mesh, VarSpec
 
 FULL = dict(momentum=0.9, nesterov=True, weight_decay=0.05, use_ema=True, ema_momentum=0.9,
             ema_overwrite_frequency=4)
@@ -114,7 +114,7 @@ def test_in_place_update_reuses_donated_buffers() -> None:
     m = Mesh.parse("batch=2,model=4")
     config = SGDConfig.create(learning_rate=0.1, momentum=0.9, use_ema=True, global_clipnorm=1.0)
     step = compile_step(config, model(m), m, transform=lowered)
-    assert pjrt.input_output_aliases(step.exe.executable) == step.abi.aliases
+    assert backend.input_output_aliases(step.exe.executable) == step.abi.aliases
     rng = np.random.default_rng(0)
     state = step.initial_state([rng.standard_normal(v.shape).astype(np.float32) for v in model(m)])
     grads = [rng.standard_normal(v.shape).astype(np.float32) for v in model(m)]
@@ -133,7 +133,7 @@ def test_temporary_memory_is_under_one_percent_of_state() -> None:
     for clip in ("global_clipnorm", "clipnorm"):
         config = SGDConfig.create(learning_rate=0.1, **FULL, **{clip: 1.0})
         step = compile_step(config, specs, m, transform=lowered)
-        stats = pjrt.memory_stats(step.exe.executable)
+        stats = backend.memory_stats(step.exe.executable)
         state_bytes = sum(v.nbytes for v in specs) * 3 + 8
         assert stats["alias_size_in_bytes"] >= state_bytes - 8
         assert stats["temp_size_in_bytes"] <= 0.01 * state_bytes, stats

@@ -21,7 +21,7 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
 def cfg(**kw):
-    """A config with the attributes of sgdgen.config.SGDConfig (reference.py reads only these)."""
+    """A config with the attributes of sgdgen.frontend.config.SGDConfig (reference.py reads only these)."""
     base = dict(
         learning_rate=0.01,
         momentum=0.0,
@@ -404,7 +404,7 @@ def test_inputs_never_mutated():
 
 
 def test_reads_sgdconfig():
-    config = pytest.importorskip("sgdgen.config")
+    config = pytest.importorskip("sgdgen.frontend.config")
     c = config.SGDConfig.create(learning_rate=1.0, clipnorm=1.0, clipvalue=0.5, use_ema=True,
                                 ema_overwrite_frequency=2)
     s = R.run(c, [a([0.0, 0.0])], [[a([3.0, 4.0])]])

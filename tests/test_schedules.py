@@ -1,4 +1,4 @@
-"""sgdgen.schedules: tf_keras schedule values in float32, validation, (de)serialization."""
+"""sgdgen.frontend.schedules: tf_keras schedule values in float32, validation, (de)serialization."""
 
 import inspect
 import json
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from sgdgen import schedules as S
+from sgdgen.frontend import schedules as S
 
 f32 = np.float32
 

@@ -10,7 +10,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import sgdgen
 from sgdgen import reference
-from sgdgen.spec import Layout, Mesh, SpecError, VarSpec
+from sgdgen.frontend.spec import Layout, Mesh, SpecError, VarSpec
 
 MESH = Mesh.parse("batch=2,model=4")
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from sgdgen import schedules
-from sgdgen.schedules import LearningRateSchedule
+from sgdgen.frontend import schedules
+from sgdgen.frontend.schedules import LearningRateSchedule
 
 __all__ = ["GradientsClipOption", "EMAOption", "SGDConfig"]
 

@@ -36,7 +36,7 @@ def run_demo(*, epochs: int = 8, steps_per_epoch: int = 16, batch: int = 64, hid
 
     import sgdgen
     from sgdgen import reference
-    from sgdgen.program import STATS
+    from sgdgen.runtime.program import STATS
 
     if jax.device_count() < 8:
         raise RuntimeError(f"the demo needs 8 devices, this process has {jax.device_count()}; run it through "
@@ -58,7 +58,7 @@ def run_demo(*, epochs: int = 8, steps_per_epoch: int = 16, batch: int = 64, hid
         "dense_2/bias": ["unsharded"],
     }
     variables = [sgdgen.Variable(v, layout=sgdgen.Layout(layouts[k], mesh), name=k) for k, v in init.items()]
-    schedule = sgdgen.schedules.CosineDecay(0.01, decay_steps=epochs * steps_per_epoch, alpha=0.1,
+    schedule = sgdgen.frontend.schedules.CosineDecay(0.01, decay_steps=epochs * steps_per_epoch, alpha=0.1,
                                             warmup_target=0.05, warmup_steps=steps_per_epoch)
     opt = sgdgen.SGD(learning_rate=schedule, momentum=0.9, nesterov=True, weight_decay=1e-3, global_clipnorm=1.0,
                      use_ema=True, ema_momentum=0.95, ema_overwrite_frequency=steps_per_epoch * 4, mesh=mesh)

@@ -33,7 +33,7 @@ def _read_json(path: str, what: str) -> Any:
 
 def load_config(path: str) -> Any:
     """CONFIG.json: an optimizer `get_config()` dict (Keras keys)."""
-    from sgdgen.config import SGDConfig
+    from sgdgen.frontend.config import SGDConfig
 
     data = _read_json(path, "config")
     if not isinstance(data, dict):
@@ -45,7 +45,7 @@ def load_config(path: str) -> Any:
 
 
 def load_mesh(text: str) -> Any:
-    from sgdgen.spec import Mesh, SpecError
+    from sgdgen.frontend.spec import Mesh, SpecError
 
     try:
         return Mesh.parse(text)
@@ -55,7 +55,7 @@ def load_mesh(text: str) -> Any:
 
 def load_vars(path: str, mesh: Any) -> list[Any]:
     """VARS.json: a list of {name, shape, dtype, layout?, decay?}."""
-    from sgdgen.spec import SpecError, VarSpec
+    from sgdgen.frontend.spec import SpecError, VarSpec
 
     data = _read_json(path, "vars")
     if not isinstance(data, list) or not data:
@@ -77,7 +77,7 @@ def _step_inputs(args: argparse.Namespace) -> tuple[Any, Any, list[Any]]:
 
 
 def cmd_emit(args: argparse.Namespace) -> int:
-    from sgdgen.generate import GenerateError, generate_text
+    from sgdgen.codegen.generate import GenerateError, generate_text
 
     config, mesh, variables = _step_inputs(args)
     try:
@@ -87,18 +87,18 @@ def cmd_emit(args: argparse.Namespace) -> int:
     if args.lowered:
         from jaxlib.mlir import ir
 
-        from sgdgen.pipeline import DEFAULT_PIPELINE, PipelineError, run_pipeline
+        from sgdgen.codegen.pipeline import DEFAULT_PIPELINE, PipelineError, run_pipeline
 
         try:
             text = run_pipeline(text, args.pass_pipeline or DEFAULT_PIPELINE)
         except PipelineError as e:
             raise UsageError(f"--pass-pipeline: {e}") from e
         except ir.MLIRError as e:
-            from sgdgen.opt import format_diagnostics
+            from sgdgen.tools.opt import format_diagnostics
 
             raise UsageError("the pass pipeline failed:\n" + format_diagnostics(e, "<stage 0>").rstrip()) from e
     else:
-        from sgdgen.ir import parse_module
+        from sgdgen.codegen.ir import parse_module
 
         text = str(parse_module(text))
     sys.stdout.write(text)
@@ -106,8 +106,8 @@ def cmd_emit(args: argparse.Namespace) -> int:
 
 
 def _load_program(args: argparse.Namespace) -> Any:
-    from sgdgen.generate import GenerateError
-    from sgdgen.program import StepProgram
+    from sgdgen.codegen.generate import GenerateError
+    from sgdgen.runtime.program import StepProgram
 
     config, mesh, variables = _step_inputs(args)
     program = StepProgram(config, tuple(variables), mesh)
@@ -119,7 +119,7 @@ def _load_program(args: argparse.Namespace) -> Any:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from sgdgen import artifact
+    from sgdgen.io import artifact
 
     program = _load_program(args)
     _ensure_devices(program.mesh.size)
@@ -137,7 +137,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from sgdgen import artifact
+    from sgdgen.io import artifact
 
     try:
         art = artifact.read(args.artifact)
@@ -171,7 +171,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _ensure_devices(8)
     from rich.console import Console
 
-    from sgdgen.demo import run_demo
+    from sgdgen.tools.demo import run_demo
 
     console = Console()
     r = run_demo(epochs=args.epochs, progress=not args.no_progress, console=console)
@@ -190,7 +190,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import platform
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-    from sgdgen import benchmark
+    from sgdgen.tools import benchmark
 
     models = benchmark.MODELS
     if args.quick:

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from sgdgen import pjrt
-from sgdgen.spec import Layout, Mesh, SpecError, canonical_dtype, numpy_dtype
+from sgdgen import backend
+from sgdgen.frontend.spec import Layout, Mesh, SpecError, canonical_dtype, numpy_dtype
 
 _ids = itertools.count()
 
@@ -74,7 +74,7 @@ class Variable:
     # ---- the array ---------------------------------------------------------------------
     def _place(self, value: Any, dtype: np.dtype) -> Any:
         arr = np.array(value, dtype=dtype, copy=True)  # a fresh host copy: the variable owns its buffer
-        return pjrt.device_put(arr, self.layout.named_sharding())
+        return backend.device_put(arr, self.layout.named_sharding())
 
     @property
     def value(self) -> Any:

@@ -77,7 +77,7 @@ def bench_model(name: str, shapes: list[tuple[int, ...]], *, steps: int = 30) ->
     import optax
 
     import sgdgen
-    from sgdgen import program as prog
+    from sgdgen.runtime import program as prog
 
     rng = np.random.default_rng(0)
     init = [rng.standard_normal(s).astype(np.float32) for s in shapes]

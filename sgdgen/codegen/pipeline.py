@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from jaxlib.mlir import ir, passmanager
 
-from sgdgen.ir import make_context
+from sgdgen.codegen.ir import make_context
 
 #: stage 0 -> stage 1: fuse, partition, update in place, then tidy up.
 DEFAULT_PIPELINE = (
@@ -77,7 +77,7 @@ def build_pass_manager(pipeline: str, ctx: ir.Context) -> passmanager.PassManage
 
 def run_pipeline(text: str, pipeline: str = DEFAULT_PIPELINE, ctx: ir.Context | None = None) -> str:
     """Parses `text`, runs `pipeline` over it, and returns the printed module."""
-    from sgdgen.ir import parse_module
+    from sgdgen.codegen.ir import parse_module
 
     ctx = ctx or make_context()
     module = parse_module(text, ctx)

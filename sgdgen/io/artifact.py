@@ -28,11 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sgdgen import __version__, pjrt
-from sgdgen.config import SGDConfig
-from sgdgen.program import StepProgram
-from sgdgen.runtime import StepExecutable
-from sgdgen.spec import Mesh, VarSpec
+from sgdgen import __version__
+from sgdgen import backend
+from sgdgen.frontend.config import SGDConfig
+from sgdgen.runtime.program import StepProgram
+from sgdgen.runtime.executable import StepExecutable
+from sgdgen.frontend.spec import Mesh, VarSpec
 
 SCHEMA_VERSION = 1
 MIN_SCHEMA_VERSION = 1
@@ -54,7 +55,7 @@ def _executable_name(platform: str) -> str:
 def _portable(text: str) -> tuple[bytes, str]:
     from jaxlib.mlir.dialects import stablehlo
 
-    from sgdgen.ir import make_context, parse_module
+    from sgdgen.codegen.ir import make_context, parse_module
 
     target = stablehlo.get_current_version()
     module = parse_module(text, make_context())
@@ -64,7 +65,7 @@ def _portable(text: str) -> tuple[bytes, str]:
 def _from_portable(blob: bytes) -> str:
     from jaxlib.mlir.dialects import stablehlo
 
-    from sgdgen.ir import make_context
+    from sgdgen.codegen.ir import make_context
 
     ctx = make_context()
     with ctx:
@@ -78,11 +79,11 @@ def write(program: StepProgram, path: str | os.PathLike[str], *, executable: boo
     files: dict[str, bytes] = {"step.mlir": program.lowered_text.encode()}
     blob, target = _portable(program.lowered_text)
     files["step.mlirbc"] = blob
-    fp = pjrt.platform_fingerprint()
+    fp = backend.platform_fingerprint()
     if executable:
-        from sgdgen.program import executable_for
+        from sgdgen.runtime.program import executable_for
 
-        files[_executable_name(fp["platform"])] = pjrt.serialize_executable(executable_for(program).executable)
+        files[_executable_name(fp["platform"])] = backend.serialize_executable(executable_for(program).executable)
     for name, data in files.items():
         (out / name).write_bytes(data)
     manifest = {
@@ -111,18 +112,18 @@ class Artifact:
     def executable(self) -> StepExecutable:
         """The step for this process: the stored executable when platform and jaxlib match,
         otherwise rebuilt from step.mlirbc (with a warning)."""
-        fp = pjrt.platform_fingerprint()
-        devices = pjrt.devices_for(self.program.mesh.device_ids)
+        fp = backend.platform_fingerprint()
+        devices = backend.devices_for(self.program.mesh.device_ids)
         entry = self.manifest["executables"].get(fp["platform"])
         exe = None
         if entry and all(entry.get(k) == fp[k] for k in ("jaxlib", "platform_version")):
-            exe = pjrt.deserialize_executable((self.path / entry["file"]).read_bytes(), devices)
+            exe = backend.deserialize_executable((self.path / entry["file"]).read_bytes(), devices)
         else:
             why = (f"it was built by jaxlib {entry.get('jaxlib')} on {entry.get('platform_version')}" if entry
                    else f"it has no executable for {fp['platform']}")
             warnings.warn(f"artifact {self.path}: {why}; rebuilding the step from step.mlirbc "
                           f"(jaxlib {fp['jaxlib']}, {fp['platform']})", stacklevel=2)
-            exe, _ = pjrt.compile_cached(_from_portable((self.path / "step.mlirbc").read_bytes()), devices)
+            exe, _ = backend.compile_cached(_from_portable((self.path / "step.mlirbc").read_bytes()), devices)
         return StepExecutable.wrap(exe, self.program.abi, self.program.mesh)
 
 
@@ -211,6 +212,6 @@ def summary(art: Artifact) -> dict[str, Any]:
 
 
 def _itemsize(v: VarSpec) -> int:
-    from sgdgen.spec import numpy_dtype
+    from sgdgen.frontend.spec import numpy_dtype
 
     return numpy_dtype(v.dtype).itemsize

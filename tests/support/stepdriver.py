@@ -26,10 +26,10 @@ import ml_dtypes
 import numpy as np
 
 from sgdgen import reference
-from sgdgen.abi import StepABI
-from sgdgen.generate import generate_text
-from sgdgen.runtime import StepExecutable
-from sgdgen.spec import Mesh, VarSpec, numpy_dtype
+from sgdgen.codegen.abi import StepABI
+from sgdgen.codegen.generate import generate_text
+from sgdgen.runtime.executable import StepExecutable
+from sgdgen.frontend.spec import Mesh, VarSpec, numpy_dtype
 
 __all__ = [
     "CompiledStep",

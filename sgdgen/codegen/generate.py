@@ -4,7 +4,7 @@ Stage 0 is the "global view": one private function per stage per variable class
 (variables of the same shape, dtype and layout share them), rendered from
 templates/*.mlir.j2, and a public @main that calls them in SEMANTICS.md §4's order
 with `#sdy.sharding` on every argument and result. Its calling convention is
-`sgdgen.abi.StepABI`. The text is parsed and verified with jaxlib's MLIR bindings;
+`sgdgen.codegen.abi.StepABI`. The text is parsed and verified with jaxlib's MLIR bindings;
 nothing here traces Python with JAX.
 """
 
@@ -21,8 +21,8 @@ import jinja2
 import numpy as np
 
 from sgdgen import __version__
-from sgdgen.abi import StepABI
-from sgdgen.spec import Mesh, VarSpec, numpy_dtype, tensor_type
+from sgdgen.codegen.abi import StepABI
+from sgdgen.frontend.spec import Mesh, VarSpec, numpy_dtype, tensor_type
 
 #: The wide type that accumulates the norm of a variable of each element type (SEMANTICS §6).
 WIDE = {"f16": "f32", "bf16": "f32", "f32": "f64", "f64": "f64"}
@@ -303,7 +303,7 @@ def generate_text(config: Any, variables: Sequence[VarSpec], mesh: Mesh | None =
 
 def generate(config: Any, variables: Sequence[VarSpec], mesh: Mesh | None = None, ctx: Any = None) -> Any:
     """The stage-0 module, parsed and verified (a `jaxlib.mlir.ir.Module`)."""
-    from sgdgen.ir import parse_module
+    from sgdgen.codegen.ir import parse_module
 
     return parse_module(generate_text(config, variables, mesh), ctx)
 

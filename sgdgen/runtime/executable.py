@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from sgdgen import pjrt
-from sgdgen.abi import Slot, StepABI
-from sgdgen.spec import Mesh, numpy_dtype
+from sgdgen import backend
+from sgdgen.codegen.abi import Slot, StepABI
+from sgdgen.frontend.spec import Mesh, numpy_dtype
 
 
 @functools.lru_cache(maxsize=4096)
@@ -50,7 +50,7 @@ class StepExecutable:
         # a result fed back as the next step's argument passes the check by identity.
         self.in_shardings = [s.layout.named_sharding() for s in self.abi.inputs]
         self.out_shardings = [s.layout.named_sharding() for s in self.abi.outputs]
-        self.out_avals = [pjrt.shaped_array(s.shape, slot_dtype(s)) for s in self.abi.outputs]
+        self.out_avals = [backend.shaped_array(s.shape, slot_dtype(s)) for s in self.abi.outputs]
         self.in_dtypes = [slot_dtype(s) for s in self.abi.inputs]
 
     @classmethod
@@ -60,7 +60,7 @@ class StepExecutable:
         With `in_place` (the default) the executable must alias every state buffer,
         as the lowered module does; stage 0 (no aliasing yet) needs `in_place=False`.
         """
-        exe = pjrt.compile_text(text, pjrt.devices_for(mesh.device_ids))
+        exe = backend.compile_text(text, backend.devices_for(mesh.device_ids))
         return cls.wrap(exe, abi, mesh, in_place=in_place)
 
     @classmethod
@@ -78,7 +78,7 @@ class StepExecutable:
         DESIGN: in-place update is guaranteed, not hoped for. A missing alias would
         silently double the state's memory; this makes it an error instead.
         """
-        have = pjrt.input_output_aliases(self.executable)
+        have = backend.input_output_aliases(self.executable)
         missing = [self.abi.outputs[k].name for k, a in self.abi.aliases.items() if have.get(k) != a]
         if missing:
             raise RuntimeError(
@@ -92,7 +92,7 @@ class StepExecutable:
     def put(self, slot: Slot, value: Any) -> Any:
         """Places a host value (or an array) as the step expects this slot."""
         arr = np.asarray(value, dtype=slot_dtype(slot))
-        return pjrt.device_put(arr, self.sharding(slot))
+        return backend.device_put(arr, self.sharding(slot))
 
     def check(self, args: Sequence[Any]) -> None:
         """Raises StepInputError naming the slot and the fix if any argument does not match."""
@@ -124,7 +124,7 @@ class StepExecutable:
         """Runs one step; returns the new state in `abi.outputs` order."""
         if check:
             self.check(args)
-        return pjrt.execute(self.executable, args, self.out_shardings, self.out_avals)
+        return backend.execute(self.executable, args, self.out_shardings, self.out_avals)
 
     def hlo_text(self) -> str:
-        return pjrt.hlo_text(self.executable)
+        return backend.hlo_text(self.executable)

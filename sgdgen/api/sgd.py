@@ -23,13 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from sgdgen import pjrt
-from sgdgen.config import SGDConfig
-from sgdgen.program import StepProgram, executable_for
-from sgdgen.runtime import StepInputError, equivalent
-from sgdgen.schedules import LearningRateSchedule
-from sgdgen.spec import Layout, Mesh, SpecError, VarSpec, canonical_dtype, numpy_dtype
-from sgdgen.variable import Variable
+from sgdgen import backend
+from sgdgen.frontend.config import SGDConfig
+from sgdgen.runtime.program import StepProgram, executable_for
+from sgdgen.runtime.executable import StepInputError, equivalent
+from sgdgen.frontend.schedules import LearningRateSchedule
+from sgdgen.frontend.spec import Layout, Mesh, SpecError, VarSpec, canonical_dtype, numpy_dtype
+from sgdgen.api.variable import Variable
 
 _NOT_SETTABLE = ("This optimizer was created with a `LearningRateSchedule` object as its `learning_rate` "
                  "constructor argument, hence its learning rate is not settable. If you need the learning rate "
@@ -56,7 +56,7 @@ class SGD:
     steps, `w = avg`. Variables laid out on `mesh` keep their layout; slots take it too.
 
     Args:
-      learning_rate: float, a `sgdgen.schedules` schedule (computed in the program), or a
+      learning_rate: float, a `sgdgen.frontend.schedules` schedule (computed in the program), or a
         zero-argument callable (called once, at construction, as tf_keras does). Default 0.01.
       momentum: float in [0, 1].
       nesterov: Nesterov momentum.
@@ -323,7 +323,7 @@ class SGD:
             if getattr(g, "committed", True) and len(g.sharding.device_set) > 1:
                 raise ValueError(f"gradient for variable {v.name!r} is laid out as {g.sharding}, but the variable "
                                  f"is {want}; jax.device_put(gradient, variable.layout.named_sharding()) first")
-        return pjrt.device_put(np.asarray(g), want)
+        return backend.device_put(np.asarray(g), want)
 
     def _program(self, variables: Sequence[Variable], config: SGDConfig, decay: Sequence[bool]) -> StepProgram:
         key = (tuple(v._unique_id for v in variables), tuple(decay))
@@ -410,8 +410,8 @@ class SGD:
 
     # ---- artifacts ---------------------------------------------------------------------
     def save_artifact(self, path: Any) -> Any:
-        """Writes the compiled step for the built variables (see `sgdgen.artifact`)."""
-        from sgdgen import artifact
+        """Writes the compiled step for the built variables (see `sgdgen.io.artifact`)."""
+        from sgdgen.io import artifact
 
         if not self._built:
             raise RuntimeError("build the optimizer (opt.build(variables)) before saving its artifact")
@@ -423,8 +423,8 @@ class SGD:
         """An optimizer built on `variables` whose step is loaded from an artifact (no compile
         when the artifact holds an executable for this platform). The artifact's config,
         mesh and variables' signature must match; otherwise an error says what differs."""
-        from sgdgen import artifact
-        from sgdgen.program import register_executable
+        from sgdgen.io import artifact
+        from sgdgen.runtime.program import register_executable
 
         variables = list(variables)
         art = artifact.read(path)

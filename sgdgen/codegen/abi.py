@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sgdgen.spec import Layout, Mesh, VarSpec, tensor_type
+from sgdgen.frontend.spec import Layout, Mesh, VarSpec, tensor_type
 
 ROLES = ("iterations", "variable", "momentum", "average", "gradient", "learning_rate")
 
@@ -38,7 +38,7 @@ class Slot:
 
     @property
     def mlir_type(self) -> str:
-        from sgdgen.spec import MLIR_ELEMENT_TYPES
+        from sgdgen.frontend.spec import MLIR_ELEMENT_TYPES
 
         et = "i64" if self.dtype == "int64" else MLIR_ELEMENT_TYPES[self.dtype]
         return tensor_type(self.shape, et)

@@ -39,8 +39,8 @@ def format_diagnostics(err: ir.MLIRError, filename: str) -> str:
 
 def run_one(text: str, pipeline: str | None, filename: str) -> tuple[str, str]:
     """Returns (stdout, stderr) for one input chunk; stderr non-empty means failure."""
-    from sgdgen.ir import make_context
-    from sgdgen.pipeline import PipelineError, build_pass_manager
+    from sgdgen.codegen.ir import make_context
+    from sgdgen.codegen.pipeline import PipelineError, build_pass_manager
 
     ctx = make_context()
     with ctx:

@@ -121,7 +121,7 @@ def compile_cached(text: str, devices: Sequence[Any]) -> tuple[Any, bool]:
     The key is JAX's own (`compilation_cache.get_cache_key`): the module, the compile
     options and device assignment, the jaxlib version and the platform, so a second
     process with the same step loads it. Used only when `jax_compilation_cache_dir` is
-    set (sgdgen.program.configure_persistent_cache). Compiling goes through the text
+    set (sgdgen.runtime.program.configure_persistent_cache). Compiling goes through the text
     route: handing JAX's compile path an ir.Module skips the Shardy import of
     `sdy.manual_computation` (jaxlib 0.10.2).
     """

@@ -23,10 +23,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from sgdgen import pjrt
-from sgdgen.abi import StepABI
-from sgdgen.runtime import StepExecutable
-from sgdgen.spec import Mesh, VarSpec
+from sgdgen import backend
+from sgdgen.codegen.abi import StepABI
+from sgdgen.runtime.executable import StepExecutable
+from sgdgen.frontend.spec import Mesh, VarSpec
 
 
 @dataclass(frozen=True)
@@ -44,13 +44,13 @@ class StepProgram:
 
     @cached_property
     def stage0_text(self) -> str:
-        from sgdgen.generate import generate_text
+        from sgdgen.codegen.generate import generate_text
 
         return generate_text(self.config, self.variables, self.mesh)
 
     @cached_property
     def lowered_text(self) -> str:
-        from sgdgen.pipeline import run_pipeline
+        from sgdgen.codegen.pipeline import run_pipeline
 
         return run_pipeline(self.stage0_text)
 
@@ -121,9 +121,9 @@ def executable_for(program: StepProgram) -> StepExecutable:
         _BY_SIGNATURE[sig] = cached
         return cached
     configure_persistent_cache()
-    devices = pjrt.devices_for(program.mesh.device_ids)
+    devices = backend.devices_for(program.mesh.device_ids)
     t0 = time.perf_counter()
-    exe, hit = pjrt.compile_cached(program.lowered_text, devices)
+    exe, hit = backend.compile_cached(program.lowered_text, devices)
     STATS.seconds.append(time.perf_counter() - t0)
     if hit:
         STATS.disk_hits += 1

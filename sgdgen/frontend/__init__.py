@@ -1,0 +1,1 @@
+"""Stage 1 of the pipeline: what the user describes (mesh, layouts, variables, hyperparameters, schedules)."""

@@ -1,0 +1,1 @@
+"""Stage 4: what outlives a process: artifact directories (and later checkpoints)."""

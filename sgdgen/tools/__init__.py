@@ -1,0 +1,1 @@
+"""Command-line tools: `sgdgen` (emit, compile, inspect, demo, bench) and `sgdgen-opt`."""
