@@ -37,9 +37,9 @@ from __future__ import annotations
 from typing import Any
 
 from jaxlib.mlir import ir
-from jaxlib.mlir._mlir_libs import _jax_mlir_ext
 from jaxlib.mlir.dialects import stablehlo
 
+from sgdgen import backend
 from sgdgen.passes import register
 from sgdgen.passes.common import PassError, body_ops, find_functions, find_main, guarded, module_of, string_attr
 
@@ -63,7 +63,7 @@ def _inline_calls(main: ir.Operation, functions: dict[str, ir.Operation]) -> set
         if any(o.name == "func.call" for o in body_ops(callee)):
             raise PassError(f"@{callee_name} calls another function; stage functions must be straight-line", callee)
         with ir.InsertionPoint(op), op.location:
-            new_values = _jax_mlir_ext.inlined_func_call(callee, list(op.operands))
+            new_values = backend.inlined_func_call(callee, op.operands)
         if string_attr(callee, "sgdgen.stage") == "norm_partial":
             for v in new_values:
                 if isinstance(v.owner, ir.Block):

@@ -1,8 +1,10 @@
-"""The only module that touches JAX's private PJRT plumbing (`jax._src...`, `jaxlib._jax`).
+"""The only module that touches JAX's private names (`jax._src...`, `jaxlib._jax`,
+`jaxlib.mlir._mlir_libs._jax_mlir_ext`, underscored arguments).
 
 These names move between jax releases; keeping them here means one file to fix and
-one test file (tests/test_pjrt.py) that says when they moved. Everything above this
-module speaks in public types: text, numpy arrays, jax.Arrays, NamedShardings.
+one test file (tests/test_backend.py) that says, by name, when they moved. Everything
+above this module speaks in public types: text, numpy arrays, jax.Arrays, NamedShardings.
+It sits below every stage of the pipeline (codegen and the passes use its MLIR helpers).
 """
 
 from __future__ import annotations
@@ -12,6 +14,24 @@ from typing import Any
 
 import numpy as np
 
+
+# ---- MLIR (jaxlib's bundled bindings) ---------------------------------------------------
+
+def register_jax_dialects(registry: Any) -> None:
+    """Adds every dialect JAX's own lowering knows (stablehlo, sdy, chlo, func, ...) to `registry`."""
+    from jaxlib.mlir._mlir_libs import _jax_mlir_ext
+
+    _jax_mlir_ext.register_dialects(registry)
+
+
+def inlined_func_call(callee: Any, operands: Sequence[Any]) -> list[Any]:
+    """Inlines `func.func` `callee` at the current insertion point; returns the values it yields."""
+    from jaxlib.mlir._mlir_libs import _jax_mlir_ext
+
+    return list(_jax_mlir_ext.inlined_func_call(callee, list(operands)))
+
+
+# ---- PJRT -----------------------------------------------------------------------------
 
 def devices_for(device_ids: Sequence[int]) -> list[Any]:
     """jax devices with these ids, in this order (raises naming the missing ids)."""

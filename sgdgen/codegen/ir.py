@@ -8,14 +8,15 @@ as JAX does, so that Python-defined passes run on the calling thread.
 from __future__ import annotations
 
 from jaxlib.mlir import ir
-from jaxlib.mlir._mlir_libs import _jax_mlir_ext
 from jaxlib.mlir.dialects import chlo, sdy, stablehlo
+
+from sgdgen import backend
 
 
 def make_context() -> ir.Context:
     """A fresh context with every dialect a step module may contain."""
     registry = ir.DialectRegistry()
-    _jax_mlir_ext.register_dialects(registry)
+    backend.register_jax_dialects(registry)
     ctx = ir.Context()
     ctx.append_dialect_registry(registry)
     ctx.load_all_available_dialects()
