@@ -40,7 +40,9 @@ def devices_for(device_ids: Sequence[int]) -> list[Any]:
     by_id = {d.id: d for d in jax.devices()}
     missing = [i for i in device_ids if i not in by_id]
     if missing:
-        raise RuntimeError(
+        from sgdgen.errors import BackendError
+
+        raise BackendError(
             f"devices {missing} do not exist (this process has {len(by_id)}: {sorted(by_id)}); on CPU set "
             "XLA_FLAGS=--xla_force_host_platform_device_count=N before jax is imported"
         )
@@ -111,7 +113,11 @@ def device_put(value: Any, sharding: Any) -> Any:
 
 
 def input_output_aliases(executable: Any) -> dict[int, int]:
-    """{result index: argument index} from the compiled HLO's input_output_alias table."""
+    """{result index: argument index} from the compiled HLO's input_output_alias table.
+
+    jaxlib 0.10.2 has no public accessor for the table (the HloModule proto is opaque without
+    XLA's protobuf definitions), so it is read from the module's text, which XLA prints as
+    `input_output_alias={ {0}: (0, {}, may-alias), ... }`."""
     import re
 
     text = executable.hlo_modules()[0].to_string()
@@ -124,7 +130,8 @@ def input_output_aliases(executable: Any) -> dict[int, int]:
         if depth == 0:
             break
     table = text[i:j + 1]
-    return {int(out): int(param) for out, param in re.findall(r"\{(\d+)\}:\s*\((\d+),", table)}
+    # A single (non-tuple) result has the empty index `{}`.
+    return {int(out or 0): int(param) for out, param in re.findall(r"\{(\d*)\}:\s*\((\d+),", table)}
 
 
 def memory_stats(executable: Any) -> dict[str, int]:
@@ -135,39 +142,35 @@ def memory_stats(executable: Any) -> dict[str, int]:
                                             "generated_code_size_in_bytes")}
 
 
-def compile_cached(text: str, devices: Sequence[Any]) -> tuple[Any, bool]:
-    """Compiles through JAX's persistent compilation cache; returns (executable, cache_hit).
+def cache_key_material(devices: Sequence[Any]) -> bytes:
+    """Everything besides the module text that decides a compiled executable: the serialized
+    compile options (device assignment included), the platform and its version, jaxlib's version."""
+    fp = platform_fingerprint()
+    ids = ",".join(f"{d.platform}:{d.id}" for d in devices)
+    return b"\0".join([compile_options(devices).SerializeAsString(), ids.encode(),
+                        repr(sorted(fp.items())).encode()])
 
-    The key is JAX's own (`compilation_cache.get_cache_key`): the module, the compile
-    options and device assignment, the jaxlib version and the platform, so a second
-    process with the same step loads it. Used only when `jax_compilation_cache_dir` is
-    set (sgdgen.runtime.program.configure_persistent_cache). Compiling goes through the text
-    route: handing JAX's compile path an ir.Module skips the Shardy import of
-    `sdy.manual_computation` (jaxlib 0.10.2).
-    """
-    import time
 
-    from jax._src import compilation_cache, xla_bridge
-    from jax._src.interpreters import mlir as jax_mlir
-    from jax._src.lib import _jax as xc
-    from jaxlib.mlir import ir
+def open_file_cache(path: str) -> Any:
+    """JAX's own on-disk LRU store (`jax._src.lru_cache.LRUCache`, unbounded) in `path`: `get(key)` and
+    `put(key, bytes)`, with its locking and atomic writes. sgdgen keeps its executables in a directory of
+    its own instead of switching on the user's JAX persistent cache (a global setting)."""
+    from jax._src import lru_cache
 
-    backend = xla_bridge.get_backend()
-    opts = compile_options(devices)
-    key = None
-    if compilation_cache.is_cache_used(backend):
-        with jax_mlir.make_ir_context():
-            module = ir.Module.parse(text)
-            key = compilation_cache.get_cache_key(module, np.array(list(devices)), opts, backend)
-        exe, _ = compilation_cache.get_executable_and_time(key, opts, backend, xc.DeviceList(tuple(devices)))
-        if exe is not None:
-            return exe, True
-    t0 = time.perf_counter()
-    exe = compile_text(text, devices)
-    if key is not None:
-        compilation_cache.put_executable_and_time(key, "sgd_step", exe, backend,
-                                                  int((time.perf_counter() - t0) * 1000))
-    return exe, False
+    return lru_cache.LRUCache(str(path), max_size=-1)
+
+
+def compress(blob: bytes) -> bytes:
+    """Compresses a serialized executable as JAX's persistent cache does (zstandard, else zlib)."""
+    from jax._src import compilation_cache
+
+    return compilation_cache.compress_executable(blob)
+
+
+def decompress(blob: bytes) -> bytes:
+    from jax._src import compilation_cache
+
+    return compilation_cache.decompress_executable(blob)
 
 
 def serialize_executable(executable: Any) -> bytes:

@@ -17,22 +17,15 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="module")
 def private_xla_cache(tmp_path_factory: pytest.TempPathFactory):
-    """sgdgen's (and so JAX's) persistent compilation cache in an empty directory for one
-    test module, so that cache hits and compile counts depend on that module alone.
-
-    `configure_persistent_cache` keeps a directory already set in this process, so the path
-    is passed explicitly as well as through SGDGEN_CACHE_DIR; the previous setting returns.
-    """
-    import jax
-    from jax._src import compilation_cache
-
-    from sgdgen.runtime import program
+    """sgdgen's executable cache (memory and disk) empty and private to one test module, so that
+    cache hits and compile counts depend on that module alone; the previous cache returns after."""
+    from sgdgen.runtime.cache import ExecutableCache, set_default_cache
 
     path = tmp_path_factory.mktemp("xla-cache")
-    previous = jax.config.jax_compilation_cache_dir
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SGDGEN_CACHE_DIR", str(path))
-        assert program.configure_persistent_cache(path) == str(path)
-        yield path
-    jax.config.update("jax_compilation_cache_dir", previous)
-    compilation_cache.reset_cache()
+        mp.setenv("SGDGEN_CACHE_DIR", str(path))  # what subprocesses of the test see
+        previous = set_default_cache(ExecutableCache(path))
+        try:
+            yield path
+        finally:
+            set_default_cache(previous)

@@ -24,12 +24,15 @@ from typing import Any
 import numpy as np
 
 from sgdgen import backend
+from sgdgen.api.variable import Variable, substituted
+from sgdgen.codegen.abi import StepState, slot_name
+from sgdgen.errors import UnknownVariableError
 from sgdgen.frontend.config import SGDConfig
-from sgdgen.runtime.program import StepProgram, executable_for
-from sgdgen.runtime.executable import StepInputError, equivalent
 from sgdgen.frontend.schedules import LearningRateSchedule
 from sgdgen.frontend.spec import Layout, Mesh, SpecError, VarSpec, canonical_dtype, numpy_dtype
-from sgdgen.api.variable import Variable
+from sgdgen.runtime.core import Step
+from sgdgen.runtime.executable import ShardingMatcher
+from sgdgen.runtime.program import StepProgram
 
 _NOT_SETTABLE = ("This optimizer was created with a `LearningRateSchedule` object as its `learning_rate` "
                  "constructor argument, hence its learning rate is not settable. If you need the learning rate "
@@ -88,8 +91,8 @@ class SGD:
         self._extra: list[Variable] = []
         self._exclude_ids: set[int] = set()
         self._exclude_names: list[str] = []
-        self._specs: dict[tuple[Any, ...], tuple[VarSpec, ...]] = {}  # per variable set: no revalidation per step
-        self._lr_cache: tuple[Any, Any] | None = None
+        self._steps: dict[tuple[Any, ...], Step] = {}  # per (variable set, config signature): no per-step rebuild
+        self._equivalent = ShardingMatcher()
 
     # ---- configuration -----------------------------------------------------------------
     @property
@@ -186,8 +189,10 @@ class SGD:
         init = model_variable.numpy() if initial_value is None and variable_name == "average" else (
             np.zeros(model_variable.shape, model_variable.dtype) if initial_value is None
             else np.asarray(initial_value, model_variable.dtype))
-        return Variable(init, name=f"{self.name}/{variable_name}/{model_variable._shared_name}",
-                        layout=model_variable.layout)
+        role = {"m": "momentum", "average": "average"}.get(variable_name)
+        name = (slot_name(self.name, role, model_variable._shared_name) if role
+                else f"{self.name}/{variable_name}/{model_variable._shared_name}")
+        return Variable(init, name=name, layout=model_variable.layout)
 
     def exclude_from_weight_decay(self, var_list: Iterable[Variable] | None = None,
                                   var_names: Iterable[str] | None = None) -> None:
@@ -260,7 +265,7 @@ class SGD:
     def _slot_index(self, v: Variable) -> int:
         k = self._index.get(getattr(v, "_unique_id", None))
         if k is None:
-            raise KeyError(f"The optimizer cannot recognize variable {getattr(v, 'name', v)}. This usually means "
+            raise UnknownVariableError(f"The optimizer cannot recognize variable {getattr(v, 'name', v)}. This usually means "
                            "you are trying to call the optimizer to update different parts of the model separately. "
                            "Please call `optimizer.build(variables)` with the full list of trainable variables "
                            "before the training loop or use legacy optimizer `tf.keras.optimizers.legacy.SGD.")
@@ -318,51 +323,44 @@ class SGD:
                             f"(tf_keras does not cast); cast it with .astype({v.dtype})")
         want = v.layout.named_sharding()
         if hasattr(g, "sharding"):
-            if equivalent(g.sharding, want, len(shape)):
+            if self._equivalent(g.sharding, want, len(shape)):
                 return g
             if getattr(g, "committed", True) and len(g.sharding.device_set) > 1:
                 raise ValueError(f"gradient for variable {v.name!r} is laid out as {g.sharding}, but the variable "
                                  f"is {want}; jax.device_put(gradient, variable.layout.named_sharding()) first")
         return backend.device_put(np.asarray(g), want)
 
-    def _program(self, variables: Sequence[Variable], config: SGDConfig, decay: Sequence[bool]) -> StepProgram:
-        key = (tuple(v._unique_id for v in variables), tuple(decay))
-        specs = self._specs.get(key)
-        if specs is None:
+    def _step(self, variables: Sequence[Variable], config: SGDConfig, decay: Sequence[bool]) -> Step:
+        """The functional step for these variables and config (built once per signature)."""
+        signature = config if config.lr_is_schedule else dataclasses.replace(config, learning_rate=0.0)
+        key = (tuple(v._unique_id for v in variables), tuple(decay), signature)
+        step = self._steps.get(key)
+        if step is None:
             specs = tuple(VarSpec(v._shared_name, v.shape, canonical_dtype(v.dtype), v.layout, d)
                           for v, d in zip(variables, decay))
-            self._specs[key] = specs
-        return StepProgram(config, specs, self.mesh)
+            step = self._steps[key] = Step(StepProgram(signature, specs, self.mesh))
+        return step
+
+    def _program(self, variables: Sequence[Variable], config: SGDConfig, decay: Sequence[bool]) -> StepProgram:
+        """The program with the config as it is (a float learning rate included: artifacts record it)."""
+        signature = self._step(variables, config, decay).program
+        return StepProgram(config, signature.variables, signature.mesh)
 
     def _run(self, variables: Sequence[Variable], grads: Sequence[Any], config: SGDConfig,
              decay: Sequence[bool], *, iterations: Variable | None = None) -> None:
-        program = self._program(variables, config, decay)
-        step = executable_for(program)
+        """One step of the functional core over these variables' arrays; the results are bound
+        back to the variables and slots only after the step has run."""
+        step = self._step(variables, config, decay)
         it = iterations if iterations is not None else self._iterations
         idx = [self._slot_index(v) for v in variables]
-        state = [it.value, *(v.value for v in variables), *(self._momenta[k].value for k in idx)]
-        if config.use_ema:
-            state += [self._averages[k].value for k in idx]
-        args = state + list(grads)
-        if not config.lr_is_schedule:
-            args.append(self._lr_array(step, np.float32(config.learning_rate)))
-        try:
-            step.check(args)
-        except StepInputError as e:
-            raise ValueError(f"{e}") from None
-        out = step(args, check=False)
-        owners = [it, *variables, *(self._momenta[k] for k in idx)]
-        if config.use_ema:
-            owners += [self._averages[k] for k in idx]
-        for owner, value in zip(owners, out):
-            owner._value = value
-
-    def _lr_array(self, step: Any, lr: np.float32) -> Any:
-        """The learning-rate argument, transferred once per value (it is not donated)."""
-        key = (lr.tobytes(), step.abi.inputs[-1].layout)
-        if self._lr_cache is None or self._lr_cache[0] != key:
-            self._lr_cache = (key, step.put(step.abi.inputs[-1], lr))
-        return self._lr_cache[1]
+        momenta = [self._momenta[k] for k in idx]
+        averages = [self._averages[k] for k in idx] if config.use_ema else []
+        state = StepState(it.value, tuple(m.value for m in momenta), tuple(a.value for a in averages))
+        lr = None if config.lr_is_schedule else np.float32(config.learning_rate)
+        params, new = step.apply(state, [v.value for v in variables], grads, lr)
+        for owner, value in zip([it, *variables, *momenta, *averages],
+                                [new.iterations, *params, *new.momenta, *new.averages]):
+            owner._bind(value)
 
     def update_step(self, gradient: Any, variable: Variable) -> None:
         """The per-variable update alone (momentum / Nesterov with the current learning rate):
@@ -389,14 +387,8 @@ class SGD:
         variables = list(var_list() if callable(var_list) else var_list)
 
         def f(values: list[Any]) -> Any:
-            saved = [v._value for v in variables]
-            try:
-                for v, x in zip(variables, values):
-                    v._value = x
+            with substituted(variables, values):
                 return loss()
-            finally:
-                for v, s in zip(variables, saved):
-                    v._value = s
 
         values = [v.value for v in variables]
         jaxpr = jax.make_jaxpr(f)(values).jaxpr

@@ -7,7 +7,9 @@ array read from it before a step is deleted after it (JAX's donation contract).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -81,6 +83,11 @@ class Variable:
         """The current jax.Array (replaced, not mutated, by each optimizer step)."""
         return self._value
 
+    def _bind(self, array: Any) -> None:
+        """Takes a step's result as this variable's array (no copy: the optimizer's own
+        in-place update; `assign` is the public, copying path)."""
+        self._value = array
+
     def numpy(self) -> np.ndarray:
         return np.asarray(self._value)
 
@@ -112,6 +119,20 @@ class Variable:
     def __repr__(self) -> str:
         return (f"<sgdgen.Variable '{self.name}' shape={self.shape} dtype={self.dtype} "
                 f"layout={self.layout.sharding_specs}>")
+
+
+@contextlib.contextmanager
+def substituted(variables: Sequence[Variable], values: Sequence[Any]) -> Iterator[None]:
+    """Reads of `variables` see `values` (e.g. JAX tracers) inside the block; restored after,
+    also on error. This is how a zero-argument loss is differentiated with respect to them."""
+    saved = [v._value for v in variables]
+    try:
+        for v, x in zip(variables, values):
+            v._value = x
+        yield
+    finally:
+        for v, x in zip(variables, saved):
+            v._value = x
 
 
 def _binary(name: str, reflected: bool = False) -> Any:

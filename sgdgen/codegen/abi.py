@@ -18,11 +18,34 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from functools import cached_property
+from typing import Any, NamedTuple
 
 from sgdgen.frontend.spec import Layout, Mesh, VarSpec, tensor_type
 
 ROLES = ("iterations", "variable", "momentum", "average", "gradient", "learning_rate")
+#: Roles whose buffers the step updates in place (donated arguments, aliased results).
+STATE_ROLES = ("iterations", "variable", "momentum", "average")
+#: The optimizer's slot kinds, by role: the middle part of a slot's name.
+SLOT_KINDS = {"momentum": "m", "average": "average"}
+
+
+def slot_name(optimizer_name: str, role: str, variable_name: str) -> str:
+    """The name of a variable's slot: "SGD/m/dense/kernel" (tf_keras: {optimizer}/{kind}/{variable})."""
+    return f"{optimizer_name}/{SLOT_KINDS[role]}/{variable_name}"
+
+
+class StepState(NamedTuple):
+    """The optimizer's state between steps, as a JAX pytree (a NamedTuple, as optax's states).
+
+    iterations: the scalar step counter (int64 in the program).
+    momenta: one array per variable, laid out like it (tf_keras creates it even at momentum 0).
+    averages: one EMA average per variable with `use_ema`, else empty.
+    """
+
+    iterations: Any
+    momenta: tuple[Any, ...]
+    averages: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -56,15 +79,22 @@ class StepABI:
     outputs: tuple[Slot, ...]
 
     @classmethod
+    def for_config(cls, variables: Sequence[VarSpec], mesh: Mesh, config: Any) -> StepABI:
+        """The calling convention of the step of `config` (an SGDConfig) over `variables`:
+        EMA averages when `use_ema`, a learning-rate argument unless it is a schedule."""
+        return cls.create(variables, mesh, use_ema=config.use_ema, lr_input=not config.lr_is_schedule,
+                          optimizer_name=config.name)
+
+    @classmethod
     def create(cls, variables: Sequence[VarSpec], mesh: Mesh, *, use_ema: bool, lr_input: bool,
                optimizer_name: str = "SGD") -> StepABI:
         scalar = Layout.replicated(mesh, 0)
         state = [Slot("iterations", None, "iteration", (), "int64", scalar)]
         state += [Slot("variable", i, v.name, v.shape, v.dtype, v.layout) for i, v in enumerate(variables)]
-        state += [Slot("momentum", i, f"{optimizer_name}/m/{v.name}", v.shape, v.dtype, v.layout)
+        state += [Slot("momentum", i, slot_name(optimizer_name, "momentum", v.name), v.shape, v.dtype, v.layout)
                   for i, v in enumerate(variables)]
         if use_ema:
-            state += [Slot("average", i, f"{optimizer_name}/average/{v.name}", v.shape, v.dtype, v.layout)
+            state += [Slot("average", i, slot_name(optimizer_name, "average", v.name), v.shape, v.dtype, v.layout)
                       for i, v in enumerate(variables)]
         inputs = list(state)
         inputs += [Slot("gradient", i, f"gradient/{v.name}", v.shape, v.dtype, v.layout)
@@ -72,6 +102,61 @@ class StepABI:
         if lr_input:
             inputs.append(Slot("learning_rate", None, "learning_rate", (), "float32", scalar))
         return cls(tuple(inputs), tuple(state))
+
+    @cached_property
+    def num_variables(self) -> int:
+        return sum(1 for s in self.inputs if s.role == "variable")
+
+    @cached_property
+    def use_ema(self) -> bool:
+        return any(s.role == "average" for s in self.inputs)
+
+    @cached_property
+    def lr_input(self) -> bool:
+        """Whether the learning rate is a runtime argument (the last one)."""
+        return bool(self.inputs) and self.inputs[-1].role == "learning_rate"
+
+    @cached_property
+    def donated(self) -> tuple[int, ...]:
+        """Indices of the arguments whose buffers the step takes over (the state)."""
+        return tuple(k for k, s in enumerate(self.inputs) if s.role in STATE_ROLES)
+
+    def pack(self, state: StepState, params: Sequence[Any], grads: Sequence[Any], lr: Any = None) -> list[Any]:
+        """The step's arguments, in order, from a state, the variables, their gradients and the rate.
+
+        The one place that knows the order; `unpack` is its inverse for the results.
+        """
+        n = self.num_variables
+        parts = {"variables": params, "momenta": state.momenta, "gradients": grads}
+        if self.use_ema:
+            parts["averages"] = state.averages
+        for what, seq in parts.items():
+            if len(seq) != n:
+                raise ValueError(f"the step updates {n} variables, but {len(seq)} {what} were given")
+        if not self.use_ema and len(state.averages):
+            raise ValueError("this step keeps no EMA averages (use_ema=False), but the state holds "
+                             f"{len(state.averages)}")
+        args = [state.iterations, *params, *state.momenta]
+        if self.use_ema:
+            args += state.averages
+        args += grads
+        if self.lr_input:
+            if lr is None:
+                raise ValueError("this step takes the learning rate as an argument; pass lr")
+            args.append(lr)
+        elif lr is not None:
+            raise ValueError("this step computes its learning rate from a schedule; do not pass lr")
+        return args
+
+    def unpack(self, results: Sequence[Any]) -> tuple[tuple[Any, ...], StepState]:
+        """(new variables, new state) from the step's results (in `outputs` order)."""
+        n = self.num_variables
+        if len(results) != len(self.outputs):
+            raise ValueError(f"the step returns {len(self.outputs)} results, got {len(results)}")
+        params = tuple(results[1:1 + n])
+        momenta = tuple(results[1 + n:1 + 2 * n])
+        averages = tuple(results[1 + 2 * n:1 + 3 * n]) if self.use_ema else ()
+        return params, StepState(results[0], momenta, averages)
 
     @property
     def aliases(self) -> dict[int, int]:

@@ -123,7 +123,7 @@ class Artifact:
                    else f"it has no executable for {fp['platform']}")
             warnings.warn(f"artifact {self.path}: {why}; rebuilding the step from step.mlirbc "
                           f"(jaxlib {fp['jaxlib']}, {fp['platform']})", stacklevel=2)
-            exe, _ = backend.compile_cached(_from_portable((self.path / "step.mlirbc").read_bytes()), devices)
+            exe = backend.compile_text(_from_portable((self.path / "step.mlirbc").read_bytes()), devices)
         return StepExecutable.wrap(exe, self.program.abi, self.program.mesh)
 
 

@@ -9,27 +9,37 @@ right shardings. State arguments are donated: their buffers become the results.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from sgdgen import backend
 from sgdgen.codegen.abi import Slot, StepABI
+from sgdgen.errors import BackendError, StepInputError
 from sgdgen.frontend.spec import Mesh, numpy_dtype
 
-
-@functools.lru_cache(maxsize=4096)
-def equivalent(have: Any, want: Any, ndim: int) -> bool:
-    """`have.is_equivalent_to(want, ndim)`, memoised: shardings are immutable and hashable,
-    and the per-step check asks the same question for every array of every step."""
-    return have is want or have.is_equivalent_to(want, ndim)
+_MEMO_LIMIT = 1024
 
 
-class StepInputError(ValueError):
-    """An argument that does not match the compiled step; nothing has run."""
+class ShardingMatcher:
+    """`have.is_equivalent_to(want, ndim)`, memoised per owner (shardings are immutable and
+    hashable, and every step asks the same questions); bounded, and owned by whoever uses it."""
+
+    def __init__(self) -> None:
+        self._memo: dict[tuple[Any, Any, int], bool] = {}
+
+    def __call__(self, have: Any, want: Any, ndim: int) -> bool:
+        if have is want:
+            return True
+        key = (have, want, ndim)
+        hit = self._memo.get(key)
+        if hit is None:
+            if len(self._memo) >= _MEMO_LIMIT:
+                self._memo.clear()
+            hit = self._memo[key] = bool(have.is_equivalent_to(want, ndim))
+        return hit
 
 
 def slot_dtype(slot: Slot) -> np.dtype:
@@ -43,6 +53,7 @@ class StepExecutable:
     executable: Any
     abi: StepABI
     mesh: Mesh
+    equivalent: ShardingMatcher = field(default_factory=ShardingMatcher, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # Computed once: the per-step path only compares against these.
@@ -52,6 +63,8 @@ class StepExecutable:
         self.out_shardings = [s.layout.named_sharding() for s in self.abi.outputs]
         self.out_avals = [backend.shaped_array(s.shape, slot_dtype(s)) for s in self.abi.outputs]
         self.in_dtypes = [slot_dtype(s) for s in self.abi.inputs]
+        donated = set(self.abi.donated)
+        self.in_donated = [k in donated for k in range(len(self.abi.inputs))]
 
     @classmethod
     def compile(cls, text: str, abi: StepABI, mesh: Mesh, *, in_place: bool = True) -> StepExecutable:
@@ -81,7 +94,7 @@ class StepExecutable:
         have = backend.input_output_aliases(self.executable)
         missing = [self.abi.outputs[k].name for k, a in self.abi.aliases.items() if have.get(k) != a]
         if missing:
-            raise RuntimeError(
+            raise BackendError(
                 f"the compiled step does not update {len(missing)} state buffer(s) in place "
                 f"(first: {missing[0]!r}); compile the lowered module (sgd-alias-buffers marks "
                 "tf.aliasing_output on every state argument)")
@@ -99,7 +112,9 @@ class StepExecutable:
         if len(args) != len(self.abi.inputs):
             raise StepInputError(f"the step takes {len(self.abi.inputs)} arguments, got {len(args)}")
         seen: dict[int, str] = {}
-        for slot, a, want, want_dtype in zip(self.abi.inputs, args, self.in_shardings, self.in_dtypes):
+        equivalent = self.equivalent
+        for slot, a, want, want_dtype, donated in zip(self.abi.inputs, args, self.in_shardings, self.in_dtypes,
+                                                      self.in_donated):
             what = f"{slot.role} {slot.name!r}"
             if getattr(a, "is_deleted", lambda: False)():
                 raise StepInputError(f"{what}: the array was donated to an earlier step and is deleted; "
@@ -117,7 +132,7 @@ class StepExecutable:
             if id(a) in seen:
                 raise StepInputError(f"{what}: the same array is also passed as {seen[id(a)]}; "
                                      "a donated state buffer cannot be passed twice: pass distinct arrays")
-            if slot.role not in ("gradient", "learning_rate"):  # donated: must be unique
+            if donated:  # a donated buffer must be unique among the arguments
                 seen[id(a)] = what
 
     def __call__(self, args: Sequence[Any], *, check: bool = True) -> list[Any]:

@@ -1,15 +1,10 @@
 """One step program per (config, variables' signature, mesh), compiled once.
 
-`StepProgram` holds everything that shapes the program; its stage-0 and lowered
-texts are derived from it. `executable_for` returns a compiled `StepExecutable`
-from, in order: this process's memory, JAX's persistent compilation cache on disk
-(a second process loads instead of compiling), or a fresh compile.
-
-Why JAX's persistent cache rather than a cache of our own: its key already covers
-the module text, the compile options and device assignment, the jaxlib version and
-the platform, it is shared with the user's own jit programs, and its eviction and
-multi-process rules are maintained upstream. sgdgen only points it at a directory
-(`SGDGEN_CACHE_DIR`, default ~/.cache/sgdgen/xla) when the user has not set one.
+`StepProgram` holds everything that shapes the program; its calling convention
+(`abi`), stage-0 and lowered texts are derived from it, each once. Its `signature`
+leaves out a float learning rate (a runtime argument), so programs that differ only in
+it share one executable. Executables come from an `ExecutableCache`
+(sgdgen.runtime.cache): memory, sgdgen's on-disk store, or a fresh compile.
 """
 
 from __future__ import annotations
@@ -17,19 +12,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
-from sgdgen import backend
 from sgdgen.codegen.abi import StepABI
-from sgdgen.runtime.executable import StepExecutable
 from sgdgen.frontend.spec import Mesh, VarSpec
+from sgdgen.runtime.cache import CacheStats, ExecutableCache, default_cache, set_default_cache
+from sgdgen.runtime.executable import StepExecutable
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=True)
 class StepProgram:
     """The inputs that determine one compiled step."""
 
@@ -37,10 +30,24 @@ class StepProgram:
     variables: tuple[VarSpec, ...]
     mesh: Mesh
 
+    def __hash__(self) -> int:  # asked every step by the cache: hash the config and 400 specs once
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = self.__dict__["_hash"] = hash((self.config, self.variables, self.mesh))
+        return h
+
     @cached_property
     def abi(self) -> StepABI:
-        return StepABI.create(self.variables, self.mesh, use_ema=self.config.use_ema,
-                              lr_input=not self.config.lr_is_schedule, optimizer_name=self.config.name)
+        return StepABI.for_config(self.variables, self.mesh, self.config)
+
+    @cached_property
+    def signature(self) -> StepProgram:
+        """This program with a float learning rate normalised away (it is a runtime input)."""
+        config = self.config
+        if not config.lr_is_schedule and config.learning_rate != 0.0:
+            config = dataclasses.replace(config, learning_rate=0.0)
+            return StepProgram(config, self.variables, self.mesh)
+        return self
 
     @cached_property
     def stage0_text(self) -> str:
@@ -52,6 +59,8 @@ class StepProgram:
     def lowered_text(self) -> str:
         from sgdgen.codegen.pipeline import run_pipeline
 
+        if self.signature is not self:  # a float learning rate is not in the module: share the text
+            return self.signature.lowered_text
         return run_pipeline(self.stage0_text)
 
     @cached_property
@@ -61,89 +70,44 @@ class StepProgram:
         h.update(repr(self.mesh.device_ids).encode())
         return h.hexdigest()
 
-
-@dataclass
-class CacheStats:
-    """Counters a test or a benchmark can read: how each executable was obtained."""
-
-    compiles: int = 0
-    disk_hits: int = 0
-    memory_hits: int = 0
-    seconds: list[float] = field(default_factory=list)
-
-
-STATS = CacheStats()
-_MEMORY: dict[str, StepExecutable] = {}  # by StepProgram.key (the lowered text)
-_BY_SIGNATURE: dict[StepProgram, StepExecutable] = {}  # the per-step fast path: no text generated
-
-
-def signature(program: StepProgram) -> StepProgram:
-    """The program with a float learning rate normalised away: the rate is a runtime input,
-    so programs that differ only in it share one executable and one cache entry."""
-    config = program.config
-    if not config.lr_is_schedule:
-        config = dataclasses.replace(config, learning_rate=0.0)
-    return StepProgram(config, program.variables, program.mesh)
-
-
-def configure_persistent_cache(path: str | os.PathLike[str] | None = None) -> str | None:
-    """Points JAX's persistent compilation cache at `path` unless the user already set one.
-
-    Returns the directory in use (None when disabled with SGDGEN_CACHE_DIR="").
-    """
-    import jax
-
-    current = jax.config.jax_compilation_cache_dir
-    if current and path is None:
-        return current
-    env = os.environ.get("SGDGEN_CACHE_DIR")
-    if path is None and env == "":
-        return None
-    target = str(path or env or Path.home() / ".cache" / "sgdgen" / "xla")
-    Path(target).mkdir(parents=True, exist_ok=True)
-    if target != current:
-        jax.config.update("jax_compilation_cache_dir", target)
-        # sgdgen's steps compile in well under a second; JAX skips caching those by default.
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-        from jax._src import compilation_cache
-
-        compilation_cache.reset_cache()
-    return target
+    def executable(self, cache: ExecutableCache | None = None) -> StepExecutable:
+        """The compiled step, from `cache` (default: the process-wide one)."""
+        return (cache or default_cache()).get(self)
 
 
 def executable_for(program: StepProgram) -> StepExecutable:
-    """The compiled step of `program`, from memory, the persistent cache, or a compile."""
-    sig = signature(program)
-    cached = _BY_SIGNATURE.get(sig) or _MEMORY.get(program.key)
-    if cached is not None:
-        STATS.memory_hits += 1
-        _BY_SIGNATURE[sig] = cached
-        return cached
-    configure_persistent_cache()
-    devices = backend.devices_for(program.mesh.device_ids)
-    t0 = time.perf_counter()
-    exe, hit = backend.compile_cached(program.lowered_text, devices)
-    STATS.seconds.append(time.perf_counter() - t0)
-    if hit:
-        STATS.disk_hits += 1
-    else:
-        STATS.compiles += 1
-    step = StepExecutable.wrap(exe, program.abi, program.mesh)
-    _MEMORY[program.key] = step
-    _BY_SIGNATURE[sig] = step
-    return step
+    """The compiled step of `program` from the process-wide cache."""
+    return default_cache().get(program)
 
 
 def register_executable(program: StepProgram, step: StepExecutable) -> None:
     """Makes `step` (e.g. loaded from an artifact; `StepExecutable.wrap` has checked its
-    aliasing) the executable of `program` in this process."""
-    _MEMORY[program.key] = step
-    _BY_SIGNATURE[signature(program)] = step
+    aliasing) the executable of `program` in the process-wide cache."""
+    default_cache().put(program, step)
 
 
 def clear_memory_cache() -> None:
-    """Forgets this process's compiled steps (the on-disk cache stays)."""
-    _MEMORY.clear()
-    _BY_SIGNATURE.clear()
+    """Forgets the process-wide cache's compiled steps (the on-disk store stays)."""
+    default_cache().clear()
 
+
+def configure_persistent_cache(path: str | os.PathLike[str] | None = None) -> str | None:
+    """Gives the process-wide cache the on-disk directory `path` (default: `$SGDGEN_CACHE_DIR` or
+    ~/.cache/sgdgen/xla; SGDGEN_CACHE_DIR="" disables it). JAX's own configuration is not touched.
+    Returns the directory in use, or None."""
+    from sgdgen.runtime.cache import _UNSET
+
+    set_default_cache(ExecutableCache(_UNSET if path is None else path))
+    return default_cache().directory
+
+
+def __getattr__(name: str) -> Any:
+    # `program.STATS`: the process-wide cache's counters (looked up each time, so a replaced
+    # cache is seen).
+    if name == "STATS":
+        return default_cache().stats
+    raise AttributeError(name)
+
+
+__all__ = ["CacheStats", "StepProgram", "clear_memory_cache", "configure_persistent_cache", "executable_for",
+           "register_executable"]

@@ -1,0 +1,82 @@
+"""The functional core: one pure step over the compiled program.
+
+    step = Step(program)                        # a StepProgram: config, variables' specs, mesh
+    state = step.init(params)                   # StepState(iterations, momenta, averages)
+    params, state = step.apply(state, params, grads, lr)
+
+`Step.apply` is `state, params, grads, lr -> params, state` with no hidden inputs: the
+stateful `sgdgen.SGD` is a shell that keeps the arrays between calls, and every other
+front end (the JAX primitive, Keras, optax) is an adapter over the same program and
+the same `StepABI` (`pack` / `unpack`), so argument order, checking and donation live
+in one place. Like a jitted function with `donate_argnums`, it consumes the buffers of
+`params` and `state` (they become the results; reading them afterwards raises) and
+leaves `grads` and `lr` alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from sgdgen import backend
+from sgdgen.codegen.abi import StepABI, StepState
+from sgdgen.runtime.cache import ExecutableCache, default_cache
+from sgdgen.runtime.executable import StepExecutable, slot_dtype
+from sgdgen.runtime.program import StepProgram
+
+
+class Step:
+    """The optimizer step of one `StepProgram` as a pure function of arrays."""
+
+    def __init__(self, program: StepProgram, cache: ExecutableCache | None = None):
+        self.program = program
+        self._cache = cache
+        self._lr: tuple[bytes, Any] | None = None  # the last learning-rate argument, by value
+
+    @property
+    def abi(self) -> StepABI:
+        return self.program.abi
+
+    @property
+    def executable(self) -> StepExecutable:
+        """The compiled step, asked of the cache each time (a dict lookup by the program's
+        cached hash), so that the cache's bound and counters stay true."""
+        return (self._cache or default_cache()).get(self.program)
+
+    def init(self, params: Sequence[Any], iterations: int = 0) -> StepState:
+        """A fresh state for `params`: zero momenta and EMA averages equal to the variables
+        (tf_keras' slot initialisers), laid out as each variable; `iterations` as given."""
+        abi = self.abi
+        placed = [backend.device_put(np.asarray(p, slot_dtype(s)), s.layout.named_sharding())
+                  for p, s in zip(params, (abi.inputs[abi.index("variable", i)] for i in range(abi.num_variables)))]
+        zeros = [backend.device_put(np.zeros(s.shape, slot_dtype(s)), s.layout.named_sharding())
+                 for s in (abi.inputs[abi.index("momentum", i)] for i in range(abi.num_variables))]
+        averages = tuple(backend.device_put(np.asarray(p), p.sharding) for p in placed) if abi.use_ema else ()
+        it_slot = abi.inputs[abi.index("iterations")]
+        iterations_arr = backend.device_put(np.asarray(iterations, np.int64), it_slot.layout.named_sharding())
+        return StepState(iterations_arr, tuple(zeros), averages)
+
+    def lr_argument(self, lr: Any, executable: StepExecutable | None = None) -> Any:
+        """The learning-rate argument for a float rate, transferred once per value (not donated)."""
+        if not self.abi.lr_input:
+            return None
+        if hasattr(lr, "sharding"):
+            return lr
+        value = np.float32(lr)
+        key = value.tobytes()
+        if self._lr is None or self._lr[0] != key:
+            self._lr = (key, (executable or self.executable).put(self.abi.inputs[-1], value))
+        return self._lr[1]
+
+    def apply(self, state: StepState, params: Sequence[Any], grads: Sequence[Any], lr: Any = None, *,
+              check: bool = True) -> tuple[tuple[Any, ...], StepState]:
+        """One step: (new params, new state). Every argument is checked first (shape, dtype,
+        layout, a donated buffer passed twice): a mismatch raises before anything runs."""
+        exe = self.executable
+        args = self.abi.pack(state, params, grads, self.lr_argument(lr, exe) if lr is not None else None)
+        return self.abi.unpack(exe(args, check=check))
+
+
+__all__ = ["Step", "StepState"]

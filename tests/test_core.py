@@ -1,0 +1,147 @@
+"""The functional core (sgdgen.runtime.core.Step) and the one calling convention (StepABI.pack/unpack).
+
+`sgdgen.SGD` is a shell over `Step.apply`; these tests drive the core directly and check it is
+the same program: bit-equal to `SGD.apply_gradients` fed the same gradients, and to the NumPy
+reference within the float32 tolerance of docs/numerics.md.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import sgdgen
+from sgdgen import reference
+from sgdgen.codegen.abi import StepABI, StepState
+from sgdgen.frontend.config import SGDConfig
+from sgdgen.frontend.spec import Layout, Mesh, VarSpec
+from sgdgen.runtime.cache import ExecutableCache
+from sgdgen.runtime.core import Step
+from sgdgen.runtime.program import StepProgram
+
+MESH = Mesh({"batch": 2, "model": 4})
+SPECS = (VarSpec("w", (4, 8), "float32", Layout(["unsharded", "model"], MESH)),
+         VarSpec("b", (8,), "float32", Layout(["batch"], MESH), decay=False))
+CONFIG = SGDConfig.create(0.1, momentum=0.9, nesterov=True, weight_decay=1e-2, global_clipnorm=1.0,
+                          use_ema=True, ema_overwrite_frequency=3)
+
+
+def _values(seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(s.shape).astype(np.float32) for s in SPECS]
+
+
+def test_pack_and_unpack_are_inverse_and_follow_the_abi() -> None:
+    abi = StepABI.for_config(SPECS, MESH, CONFIG)
+    state = StepState("it", ("m0", "m1"), ("a0", "a1"))
+    args = abi.pack(state, ["w", "b"], ["g0", "g1"], "lr")
+    assert [s.role for s in abi.inputs] == ["iterations", "variable", "variable", "momentum", "momentum",
+                                           "average", "average", "gradient", "gradient", "learning_rate"]
+    assert args == ["it", "w", "b", "m0", "m1", "a0", "a1", "g0", "g1", "lr"]
+    assert abi.donated == tuple(range(7))
+    params, new = abi.unpack(args[:7])
+    assert params == ("w", "b") and new == state
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(grads=["g0"]), "2 variables, but 1 gradients"),
+    (dict(lr=None), "takes the learning rate"),
+    (dict(state=StepState("it", ("m0",), ("a0", "a1"))), "1 momenta"),
+])
+def test_pack_refuses_what_does_not_fit(bad: dict, message: str) -> None:
+    abi = StepABI.for_config(SPECS, MESH, CONFIG)
+    kw = dict(state=StepState("it", ("m0", "m1"), ("a0", "a1")), params=["w", "b"], grads=["g0", "g1"], lr="lr")
+    kw.update(bad)
+    with pytest.raises(ValueError, match=message):
+        abi.pack(**kw)
+
+
+def test_schedule_step_takes_no_learning_rate() -> None:
+    config = SGDConfig.create(sgdgen.schedules.ExponentialDecay(0.1, 4, 0.5))
+    abi = StepABI.for_config(SPECS, MESH, config)
+    assert not abi.lr_input and not abi.use_ema
+    with pytest.raises(ValueError, match="schedule"):
+        abi.pack(StepState("it", ("m0", "m1")), ["w", "b"], ["g0", "g1"], 0.1)
+
+
+def test_functional_step_is_bit_equal_to_sgd_apply_gradients(tmp_path) -> None:
+    step = Step(StepProgram(CONFIG, SPECS, MESH), cache=ExecutableCache(tmp_path))
+    init = _values(0)
+    state = step.init(init)
+    params = [sgdgen.Variable(v, layout=s.layout, name=s.name) for v, s in zip(init, SPECS)]
+    arrays = [sgdgen.Variable(v, layout=s.layout).value for v, s in zip(init, SPECS)]
+    opt = sgdgen.SGD(0.1, momentum=0.9, nesterov=True, weight_decay=1e-2, global_clipnorm=1.0, use_ema=True,
+                     ema_overwrite_frequency=3, mesh=MESH)
+    opt.exclude_from_weight_decay(var_names=["b"])
+    for k in range(5):
+        grads = _values(10 + k)
+        arrays, state = step.apply(state, arrays, [
+            sgdgen.Variable(g, layout=s.layout).value for g, s in zip(grads, SPECS)], 0.1)
+        opt.apply_gradients(zip(grads, params))
+    for got, want in zip(arrays, params):
+        np.testing.assert_array_equal(np.asarray(got), want.numpy())
+    assert int(np.asarray(state.iterations)) == 5 == int(opt.iterations.numpy())
+    for m, slot in zip(state.momenta, opt._momenta):
+        np.testing.assert_array_equal(np.asarray(m), slot.numpy())
+
+
+def test_functional_step_matches_the_reference() -> None:
+    """float32 within 1e-6 of max|ref| over 4 steps (docs/numerics.md: per-op rounding in float32,
+    the norm summed wide; every option on)."""
+    step = Step(StepProgram(CONFIG, SPECS, MESH))
+    init = _values(1)
+    state = step.init(init)
+    arrays = [sgdgen.Variable(v, layout=s.layout).value for v, s in zip(init, SPECS)]
+    grads_seq = [_values(20 + k) for k in range(4)]
+    for grads in grads_seq:
+        arrays, state = step.apply(state, arrays, [sgdgen.Variable(g, layout=s.layout).value
+                                                   for g, s in zip(grads, SPECS)], 0.1)
+    expect = reference.run(CONFIG, init, grads_seq, decay_mask=[s.decay for s in SPECS])
+    for got, want in [*zip(arrays, expect.variables), *zip(state.momenta, expect.momenta),
+                      *zip(state.averages, expect.averages)]:
+        scale = float(np.max(np.abs(want)))
+        assert float(np.max(np.abs(np.asarray(got) - want))) <= 1e-6 * scale
+    assert int(np.asarray(state.iterations)) == expect.iterations == 4
+
+
+def test_donated_inputs_are_consumed_and_gradients_are_not() -> None:
+    step = Step(StepProgram(CONFIG, SPECS, MESH))
+    init = _values(2)
+    state = step.init(init)
+    arrays = [sgdgen.Variable(v, layout=s.layout).value for v, s in zip(init, SPECS)]
+    grads = [sgdgen.Variable(g, layout=s.layout).value for g, s in zip(_values(3), SPECS)]
+    new_arrays, new_state = step.apply(state, arrays, grads, 0.1)
+    assert all(a.is_deleted() for a in arrays) and state.iterations.is_deleted()
+    assert not any(g.is_deleted() for g in grads)
+    with pytest.raises(ValueError, match="donated to an earlier step"):
+        step.apply(state, arrays, grads, 0.1)
+    assert not any(a.is_deleted() for a in new_arrays)  # a refused call changes nothing
+
+
+def test_cache_is_bounded_and_counts() -> None:
+    cache = ExecutableCache(None, max_entries=1)
+    a = StepProgram(CONFIG, SPECS, MESH)
+    b = StepProgram(SGDConfig.create(0.1), SPECS, MESH)
+    cache.get(a)
+    cache.get(a)
+    cache.get(b)
+    assert len(cache) == 1 and cache.stats.compiles == 2 and cache.stats.memory_hits == 1
+    cache.get(a)
+    assert cache.stats.compiles == 3, "the least recently used program was evicted"
+    with pytest.raises(ValueError, match="max_entries"):
+        ExecutableCache(None, max_entries=0)
+
+
+def test_unusable_cache_directory_warns_once_and_steps(tmp_path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    cache = ExecutableCache(blocker / "cache")
+    with pytest.warns(RuntimeWarning, match="cannot be used"):
+        cache.get(StepProgram(SGDConfig.create(0.1), SPECS, MESH))
+    assert cache.directory is None and cache.stats.compiles == 1
+
+
+def test_float_learning_rate_shares_one_program() -> None:
+    a = StepProgram(SGDConfig.create(0.1, momentum=0.9), SPECS, MESH)
+    b = StepProgram(SGDConfig.create(0.2, momentum=0.9), SPECS, MESH)
+    assert a.signature == b.signature and a.lowered_text == b.lowered_text
