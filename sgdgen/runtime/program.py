@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -89,7 +90,8 @@ def signature(program: StepProgram) -> StepProgram:
 def configure_persistent_cache(path: str | os.PathLike[str] | None = None) -> str | None:
     """Points JAX's persistent compilation cache at `path` unless the user already set one.
 
-    Returns the directory in use (None when disabled with SGDGEN_CACHE_DIR="").
+    Returns the directory in use (None when disabled with SGDGEN_CACHE_DIR="", or when the
+    directory is unusable: then `usable_cache_dir` warns once and the step runs uncached).
     """
     import jax
 
@@ -99,8 +101,9 @@ def configure_persistent_cache(path: str | os.PathLike[str] | None = None) -> st
     env = os.environ.get("SGDGEN_CACHE_DIR")
     if path is None and env == "":
         return None
-    target = str(path or env or Path.home() / ".cache" / "sgdgen" / "xla")
-    Path(target).mkdir(parents=True, exist_ok=True)
+    target = usable_cache_dir(path or env or Path.home() / ".cache" / "sgdgen" / "xla")
+    if target is None:
+        return None
     if target != current:
         jax.config.update("jax_compilation_cache_dir", target)
         # sgdgen's steps compile in well under a second; JAX skips caching those by default.
@@ -110,6 +113,31 @@ def configure_persistent_cache(path: str | os.PathLike[str] | None = None) -> st
 
         compilation_cache.reset_cache()
     return target
+
+
+_UNUSABLE_WARNED: set[str] = set()
+
+
+def usable_cache_dir(path: str | os.PathLike[str]) -> str | None:
+    """`path` as a string once it is a directory this process can write (made if missing), or
+    None with one warning per path: an unusable cache (a regular file, a read-only place such as
+    /proc) must cost the cache, never the step, as JAX treats its own cache errors."""
+    target = str(path)
+    try:
+        Path(target).mkdir(parents=True, exist_ok=True)
+        if not os.access(target, os.W_OK | os.X_OK):
+            raise PermissionError(f"no write permission on {target}")
+        return target
+    except OSError as e:
+        if target not in _UNUSABLE_WARNED:
+            _UNUSABLE_WARNED.add(target)
+            warnings.warn(
+                f"sgdgen: the compilation cache directory {target!r} cannot be used ({e.strerror or e}); running "
+                "without the persistent cache, so each process compiles its steps. Point SGDGEN_CACHE_DIR at a "
+                "writable directory, or set it to \"\" to turn the cache off.",
+                RuntimeWarning, stacklevel=3,
+            )
+        return None
 
 
 def executable_for(program: StepProgram) -> StepExecutable:
