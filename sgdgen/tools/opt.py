@@ -87,7 +87,8 @@ def utf8_problem(data: bytes) -> str:
     try:
         data.decode("utf-8")
     except UnicodeDecodeError as e:
-        line, col = line_col(data[: e.start].decode("utf-8"), e.start)
+        before = data[: e.start].decode("utf-8")
+        line, col = line_col(before, len(before))  # the column counts characters, as MLIR's do
         return f"byte 0x{data[e.start]:02x} at offset {e.start} (line {line}, column {col}) is not UTF-8 ({e.reason})"
     return ""
 
