@@ -356,8 +356,7 @@ def test_positional_seed_signature():
         (None, -2.0, None, None, None),
         (None, None, 0, None, None),
         (None, None, -0.5, None, None),
-        (float("nan"), None, 0.5, "clipvalue", 0.5),
-    ],
+    ],  # a NaN clip (once a disabled one, as in tf_keras) is refused: tests/test_limits.py
 )
 def test_clip_mode_priority(clipnorm, global_clipnorm, clipvalue, mode, value):
     c = SGDConfig.create(clipnorm=clipnorm, global_clipnorm=global_clipnorm, clipvalue=clipvalue)

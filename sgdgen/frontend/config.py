@@ -10,6 +10,7 @@ exactly `get_config()` dicts.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -84,6 +85,29 @@ def _number(arg: str, value: Any) -> int | float:
     )
 
 
+def _finite(arg: str, value: int | float | None, *, float32: bool = False) -> None:
+    """Refuses NaN and +-Inf, which would make every variable NaN at the next step.
+
+    With `float32`, also refuses a number that rounds to +-inf in float32: the learning
+    rate, momentum and weight decay reach the program as float32 (SEMANTICS §6), so 1e39
+    there is inf. None (an unset option) passes.
+    """
+    if value is None:
+        return
+    try:
+        as_float = float(value)
+    except OverflowError:  # an int beyond the double range
+        as_float = math.inf
+    with np.errstate(over="ignore"):
+        rounded = float(np.float32(as_float)) if float32 else as_float
+    if not math.isfinite(rounded):
+        where = " (inf in float32, the precision the step uses for it)" if math.isfinite(as_float) else ""
+        raise ValueError(
+            f"`{arg}` must be a finite number: NaN or an infinite value turns the state it touches into "
+            f"NaN at the next step. Received: {arg}={value!r}{where}"
+        )
+
+
 def _optional_number(arg: str, value: Any) -> int | float | None:
     return None if value is None else _number(arg, value)
 
@@ -115,6 +139,7 @@ def _learning_rate(value: Any) -> float | LearningRateSchedule:
             "`learning_rate` must be a float, a LearningRateSchedule or a callable returning "
             f"a float. Received: learning_rate={value!r}"
         ) from None
+    _finite("learning_rate", number, float32=True)
     return float(np.float32(number))
 
 
@@ -198,6 +223,9 @@ class SGDConfig:
         clip = {k: _optional_number(k, v) for k, v in clip.items()}
         use_ema = _flag("use_ema", ema["use_ema"])
         ema_momentum = _number("ema_momentum", ema["ema_momentum"])
+        _finite("weight_decay", weight_decay, float32=True)
+        for k, v in clip.items():
+            _finite(k, v)  # converted to the variable dtype from the double (SEMANTICS §6)
         frequency = ema["ema_overwrite_frequency"]
 
         # §2.1: the EMA checks run only when use_ema is truthy.
@@ -212,6 +240,7 @@ class SGDConfig:
                     "`ema_overwrite_frequency` must be an integer > 1 or None. "
                     f"Received: ema_overwrite_frequency={frequency}"
                 )
+        _finite("ema_momentum", ema_momentum)  # after tf_keras' range check, which keeps its message
         # §2.2: only clipnorm with global_clipnorm is an error; clipvalue beside them is ignored.
         if clip["clipnorm"] is not None and clip["global_clipnorm"] is not None:
             raise ValueError(
@@ -224,6 +253,7 @@ class SGDConfig:
         momentum = _number("momentum", momentum)
         if momentum < 0 or momentum > 1:
             raise ValueError("`momentum` must be between [0, 1].")
+        _finite("momentum", momentum)  # NaN passes the range check above
         nesterov = _flag("nesterov", nesterov)
         jit_compile = _flag("jit_compile", jit_compile)
         if _flag("amsgrad", amsgrad):

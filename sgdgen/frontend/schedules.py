@@ -42,11 +42,27 @@ def _real(owner: str, arg: str, value: Any) -> int | float:
     """
     if not isinstance(value, (bool, np.bool_)):
         if type(value) in (int, float):
-            return value
+            return _finite_f32(owner, arg, value)
         arr = np.asarray(value) if isinstance(value, (int, float, np.generic, np.ndarray)) else None
         if arr is not None and arr.ndim == 0 and arr.dtype.kind in "iuf":
-            return arr.item()
+            return _finite_f32(owner, arg, arr.item())
     raise ValueError(f"{owner}: `{arg}` must be a real number. Received: {arg}={value!r}")
+
+
+def _finite_f32(owner: str, arg: str, value: int | float) -> int | float:
+    """`value` if it is finite in float32, the precision of all schedule arithmetic; NaN, +-Inf
+    or a number beyond float32's range (1e39) would make the learning rate NaN or inf."""
+    try:
+        with np.errstate(over="ignore"):
+            finite = bool(np.isfinite(_F32(float(value))))
+    except OverflowError:  # an int beyond the double range
+        finite = False
+    if not finite:
+        raise ValueError(
+            f"{owner}: `{arg}` must be finite in float32 (|x| up to about 3.4e38), "
+            f"the precision schedules compute in. Received: {arg}={value!r}"
+        )
+    return value
 
 
 def _positive(owner: str, arg: str, value: Any) -> int | float:

@@ -310,6 +310,44 @@ def _default_jax_mesh(mesh: Mesh) -> Any:
     return mesh.to_jax()
 
 
+#: XLA holds dimensions, element counts and byte sizes as int64; a shape beyond it aborts the compile.
+INT64_MAX = 2**63 - 1
+#: The most bytes one device's shard may take: 2**47 = 128 TiB, the user half of a 48-bit virtual
+#: address space (x86-64 with 4-level paging, AArch64 with 48-bit VAs), the largest mapping a CPU
+#: process can make on the common platforms; accelerators hold far less (an H200 has 141 GB).
+MAX_SHARD_BYTES = 2**47
+
+
+def check_addressable(shape: Sequence[int], dtype: str, layout: Layout, what: str) -> None:
+    """Raises `SpecError` naming `what` if a variable of `shape` cannot exist on this platform.
+
+    Checked before anything is generated: XLA aborts the process (SIGABRT) when a shape's
+    element count or byte size overflows int64 (e.g. `[2**62]` float32 or `[2**40, 2**40]`),
+    and a shard beyond `MAX_SHARD_BYTES` can never be allocated. State and gradients take
+    several such buffers, so this is the bound on one variable, not a promise that it fits.
+    """
+    itemsize = numpy_dtype(dtype).itemsize
+    elements = math.prod(shape)
+    too_long = [i for i, n in enumerate(shape) if n > INT64_MAX]
+    if too_long:
+        raise SpecError(
+            f"{what}: dimension {too_long[0]} of shape {list(shape)} is larger than int64 (2**63 - 1), the most "
+            "XLA can represent; use a smaller shape"
+        )
+    if elements * itemsize > INT64_MAX:
+        raise SpecError(
+            f"{what}: shape {list(shape)} has {elements} elements ({dtype}: {elements * itemsize} bytes), more than "
+            f"the int64 sizes XLA can represent (2**63 - 1); no device can hold it. Use a smaller shape"
+        )
+    shard_bytes = math.prod(layout.local_shape(shape)) * itemsize
+    if shard_bytes > MAX_SHARD_BYTES:
+        raise SpecError(
+            f"{what}: shape {list(shape)} ({dtype}) puts {shard_bytes} bytes on each device (layout "
+            f"{layout.sharding_specs}), more than the 2**47 bytes (128 TiB) a 48-bit address space can map; "
+            "shard it over more devices or use a smaller shape"
+        )
+
+
 @dataclass(frozen=True)
 class VarSpec:
     """One variable as the compiler sees it: name, global shape, dtype, layout, decay flag."""
@@ -333,6 +371,7 @@ class VarSpec:
         object.__setattr__(self, "shape", shape)
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype, what=what))
         self.layout.validate(shape, what)
+        check_addressable(shape, self.dtype, self.layout, what)
 
     @classmethod
     def create(cls, name: str, shape: Sequence[int], dtype: Any, mesh: Mesh,

@@ -79,9 +79,13 @@ class ExecutableCache:
             if self._directory is not None:
                 try:
                     self._store = backend.open_file_cache(self._directory)
+                    if not os.access(self._directory, os.W_OK | os.X_OK):
+                        self._store = None
+                        raise PermissionError(f"no write permission on {self._directory}")
                 except OSError as e:
                     warnings.warn(f"sgdgen: the executable cache directory {self._directory!r} cannot be used "
-                                  f"({e}); running without an on-disk cache. Set SGDGEN_CACHE_DIR to a writable "
+                                  f"({e.strerror or e}); running without an on-disk cache, so each process compiles "
+                                  "its steps. Set SGDGEN_CACHE_DIR to a writable "
                                   "directory, or to \"\" to turn it off.", RuntimeWarning, stacklevel=4)
                     self._directory = None
         return self._store

@@ -21,14 +21,24 @@ class UsageError(Exception):
 
 
 def _read_json(path: str, what: str) -> Any:
+    """The JSON value in file `path` (or stdin for "-"); any unreadable, non-UTF-8, invalid or
+    too deeply nested input is a UsageError naming the file."""
+    from sgdgen.tools.opt import utf8_problem
+
     try:
-        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+        data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
     except OSError as e:
         raise UsageError(f"{what} {path}: {e.strerror}") from e
+    bad = utf8_problem(data)
+    if bad:
+        raise UsageError(f"{what} {path}: {bad}; a JSON file must be UTF-8 text")
     try:
-        return json.loads(text)
+        return json.loads(data.decode("utf-8"))
     except json.JSONDecodeError as e:
         raise UsageError(f"{what} {path}: not valid JSON: {e}") from e
+    except RecursionError as e:  # Python's JSON reader recurses once per nested array or object
+        raise UsageError(f"{what} {path}: JSON nested too deeply to read (the files sgdgen reads nest a few "
+                         "levels)") from e
 
 
 def load_config(path: str) -> Any:
