@@ -439,7 +439,7 @@ def deserialize(d: dict[str, Any] | LearningRateSchedule,
     if cls is None:
         raise ValueError(
             f"Unknown learning rate schedule class_name={class_name!r}. Known schedules: "
-            f"{', '.join(SCHEDULES)}; pass a custom one as custom_objects={{{class_name!r}: <class>}}."
+            f"{', '.join(SCHEDULES)}. A custom schedule needs custom_objects={{{class_name!r}: <its class>}}."
         )
     if not (isinstance(cls, type) and issubclass(cls, LearningRateSchedule)):
         raise ValueError(
