@@ -254,14 +254,6 @@ def test_cosine_decay_restarts_attributes_use_argument_names():
 @pytest.mark.parametrize(
     "make,match",
     [
-        (lambda: S.ExponentialDecay(0.1, 0, 0.5), r"ExponentialDecay: `decay_steps` must be > 0. Received: decay_steps=0"),
-        (lambda: S.ExponentialDecay(0.1, -3, 0.5), r"`decay_steps` must be > 0. Received: decay_steps=-3"),
-        (lambda: S.InverseTimeDecay(0.1, 0.0, 0.5), r"InverseTimeDecay: `decay_steps` must be > 0"),
-        (lambda: S.PolynomialDecay(0.1, 0), r"PolynomialDecay: `decay_steps` must be > 0"),
-        (lambda: S.CosineDecay(0.1, 0), r"CosineDecay: `decay_steps` must be > 0"),
-        (lambda: S.CosineDecayRestarts(0.1, 0), r"`first_decay_steps` must be > 0. Received: first_decay_steps=0"),
-        (lambda: S.CosineDecayRestarts(0.1, 10, t_mul=0.0), r"`t_mul` must be > 0. Received: t_mul=0.0"),
-        (lambda: S.CosineDecay(0.1, 10, warmup_target=1.0, warmup_steps=-1), r"`warmup_steps` must be >= 0. Received: warmup_steps=-1"),
         (lambda: S.ExponentialDecay("0.1", 10, 0.5), r"`initial_learning_rate` must be a real number. Received: initial_learning_rate='0.1'"),
         (lambda: S.ExponentialDecay(0.1, 10, None), r"`decay_rate` must be a real number. Received: decay_rate=None"),
         (lambda: S.ExponentialDecay(0.1, 10, 0.5, staircase="yes"), r"`staircase` must be a bool. Received: staircase='yes'"),
@@ -350,8 +342,8 @@ def test_deserialize_errors():
         S.deserialize({"module": "torch.optim", "class_name": "ExponentialDecay", "config": {}})
     with pytest.raises(ValueError, match="ExponentialDecay: invalid config"):
         S.deserialize({"class_name": "ExponentialDecay", "config": {"initial_learning_rate": 0.1}})
-    with pytest.raises(ValueError, match="`decay_steps` must be > 0"):
-        S.deserialize({"class_name": "ExponentialDecay", "config": {"initial_learning_rate": 0.1, "decay_steps": 0, "decay_rate": 0.5}})
+    with pytest.raises(ValueError, match="`decay_rate` must be a real number"):
+        S.deserialize({"class_name": "ExponentialDecay", "config": {"initial_learning_rate": 0.1, "decay_steps": 10, "decay_rate": "x"}})
     with pytest.raises(ValueError, match="class_name"):
         S.deserialize({"config": {}})
     with pytest.raises(TypeError, match="LearningRateSchedule"):

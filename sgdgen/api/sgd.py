@@ -27,6 +27,7 @@ from sgdgen import backend
 from sgdgen.api.variable import Variable, substituted
 from sgdgen.codegen.abi import StepState, slot_name
 from sgdgen.errors import UnknownVariableError
+from sgdgen.frontend import schedules
 from sgdgen.frontend.config import SGDConfig
 from sgdgen.frontend.schedules import LearningRateSchedule
 from sgdgen.frontend.spec import Layout, Mesh, SpecError, VarSpec, canonical_dtype, numpy_dtype
@@ -37,6 +38,38 @@ from sgdgen.runtime.program import StepProgram
 _NOT_SETTABLE = ("This optimizer was created with a `LearningRateSchedule` object as its `learning_rate` "
                  "constructor argument, hence its learning rate is not settable. If you need the learning rate "
                  "to be settable, you should instantiate the optimizer with a float `learning_rate` argument.")
+
+
+_NOT_BUILT = ("You are calling `set_weights()` on an optimizer that has not yet been built. Please call "
+              "`optimizer.build(trainable_variables)` to create the optimizer weights before calling `set_weights()`.")
+_COUNTER_DTYPES = (np.dtype(np.int64), np.dtype(np.int32))
+
+
+def _unique_names(names: Sequence[str]) -> list[str]:
+    """The names, with each repeat given the first free `{name}_{k}` suffix (k = 1, 2, ...):
+    unique and a function of the list alone, so the program, its cache key and artifacts
+    stay deterministic while any number of variables share a name (tf_keras keys
+    variables by identity; a name only labels them)."""
+    taken, seen, out = set(names), set(), []
+    for n in names:
+        if n in seen:
+            k = 1
+            while f"{n}_{k}" in taken:
+                k += 1
+            n = f"{n}_{k}"
+            taken.add(n)
+        seen.add(n)
+        out.append(n)
+    return out
+
+
+def _program_config(config: SGDConfig) -> SGDConfig:
+    """The config the program is built for: a float learning rate, or a custom schedule
+    evaluated on the host, is a runtime argument (0.0 in the program's signature); a
+    built-in schedule is computed in the program."""
+    if config.lr_is_schedule and schedules.is_compiled(config.learning_rate):
+        return config
+    return dataclasses.replace(config, learning_rate=0.0)
 
 
 class _VariableList(list):
@@ -83,6 +116,9 @@ class SGD:
                                         ema_option, jit_compile, name, **kwargs)
         self._mesh = Mesh.of(mesh) if mesh is not None else None
         self._iterations = Variable(np.int64(0), name="iteration", mesh=self._mesh, dtype=np.int64)
+        self._check_schedule(self._config.learning_rate)
+        self._name_scope: str | None = None  # set by apply_gradients while it builds (tf_keras' name_scope)
+        self._constraints: dict[tuple[Any, Any], Any] = {}  # (constraint, sharding) -> jitted function
         self._built = False
         self._index: dict[int, int] = {}
         self._tracked: list[Variable] = []
@@ -114,21 +150,35 @@ class SGD:
     def mesh(self) -> Mesh:
         return self._mesh if self._mesh is not None else self._iterations.mesh
 
+    def _step_count(self) -> Any:
+        """The current `iterations` as a NumPy scalar of the counter's dtype (what a schedule gets)."""
+        return self._iterations.numpy()[()]
+
+    def _check_schedule(self, lr: Any) -> None:
+        """A custom schedule is evaluated once now, as tf_keras' `_build_learning_rate` does,
+        so that one that cannot give a float fails here rather than at the first step."""
+        if isinstance(lr, LearningRateSchedule) and not schedules.is_compiled(lr):
+            schedules.evaluate(lr, self._step_count())
+
     @property
     def learning_rate(self) -> np.float32:
         """The learning rate of the next step (a schedule's value at the current `iterations`)."""
         lr = self._config.learning_rate
         if isinstance(lr, LearningRateSchedule):
-            return lr(int(self._iterations.numpy()))
+            return schedules.evaluate(lr, self._step_count())
         return np.float32(lr)
 
     @learning_rate.setter
     def learning_rate(self, value: Any) -> None:
+        """A float (or callable) replaces a float rate; a schedule replaces any rate, and the
+        optimizer follows it from the next step (a built-in schedule is part of the program,
+        so the next step compiles once). As in tf_keras, a float cannot replace a schedule."""
+        if isinstance(value, LearningRateSchedule):
+            self._check_schedule(value)
+            self._config = dataclasses.replace(self._config, learning_rate=value)
+            return
         if self._config.lr_is_schedule:
             raise TypeError(_NOT_SETTABLE)
-        if isinstance(value, LearningRateSchedule):
-            raise TypeError("`learning_rate` of an optimizer built with a float cannot become a schedule; "
-                            "create a new optimizer with learning_rate=<schedule>")
         new = SGDConfig.create(learning_rate=value).learning_rate  # same conversion rules as the constructor
         self._config = dataclasses.replace(self._config, learning_rate=new)
 
@@ -136,7 +186,9 @@ class SGD:
 
     @property
     def iterations(self) -> Variable:
-        """The int64 step counter (replicated); the first entry of `variables`."""
+        """The step counter (replicated, int64 unless an int32 one was set); the first entry of
+        `variables`. An int32 counter is widened to int64 for the step and narrowed back after
+        it, so it wraps to -2**31 after 2**31 - 1 steps, as TF's int32 `assign_add` does."""
         return self._iterations
 
     @iterations.setter
@@ -144,9 +196,10 @@ class SGD:
         if self._built:
             raise RuntimeError("Cannot set `iterations` to a new Variable after the Optimizer weights have been "
                                "created. Here it is attempting to set `iterations` to a new Variable.")
-        if not isinstance(variable, Variable) or variable.dtype != np.int64 or variable.shape != ():
-            raise TypeError("`iterations` must be a scalar int64 sgdgen.Variable, e.g. "
-                            "sgdgen.Variable(np.int64(10), dtype=np.int64, name='iteration')")
+        if not isinstance(variable, Variable) or variable.dtype not in _COUNTER_DTYPES or variable.shape != ():
+            got = f"{variable.dtype} of shape {list(variable.shape)}" if isinstance(variable, Variable) else repr(variable)
+            raise TypeError("`iterations` must be a scalar int64 or int32 sgdgen.Variable, e.g. "
+                            f"sgdgen.Variable(np.int64(10), dtype=np.int64, name='iteration'); got {got}")
         self._iterations = variable
 
     def get_config(self) -> dict[str, Any]:
@@ -156,8 +209,12 @@ class SGD:
     @classmethod
     def from_config(cls, config: dict[str, Any], custom_objects: dict[str, Any] | None = None, *,
                     mesh: Any = None) -> SGD:
-        """Creates an optimizer from `get_config()` output (a tf_keras SGD config reads too)."""
-        cfg = SGDConfig.from_config(dict(config))
+        """Creates an optimizer from `get_config()` output (a tf_keras SGD config reads too).
+        `custom_objects` maps a custom schedule's class name to its class, as in Keras."""
+        config = dict(config)
+        if isinstance(config.get("learning_rate"), dict):
+            config["learning_rate"] = schedules.deserialize(config["learning_rate"], custom_objects)
+        cfg = SGDConfig.from_config(config)
         kw = {k: v for k, v in cfg.get_config().items() if k != "is_legacy_optimizer"}
         kw["learning_rate"] = cfg.learning_rate
         return cls(**kw, mesh=mesh)
@@ -184,15 +241,34 @@ class SGD:
         return var
 
     def add_variable_from_reference(self, model_variable: Variable, variable_name: str,
-                                    initial_value: Any = None) -> Variable:
-        """A slot with the model variable's shape, dtype and layout: "{name}/{variable_name}/{var}"."""
-        init = model_variable.numpy() if initial_value is None and variable_name == "average" else (
-            np.zeros(model_variable.shape, model_variable.dtype) if initial_value is None
-            else np.asarray(initial_value, model_variable.dtype))
+                                    shape: Sequence[int] | None = None, initial_value: Any = None) -> Variable:
+        """An optimizer variable made from a model variable, added to `variables` (tf_keras'
+        method): its dtype, `shape` (default: the variable's), zeros or `initial_value`, named
+        "{variable_name}/{var}" ("{scope}/..." inside `apply_gradients(name=scope)`). It takes
+        the variable's layout when it has its shape, else it is replicated."""
+        var = self._slot(model_variable, variable_name, self._name_scope, shape, initial_value)
+        self._extra.append(var)
+        return var
+
+    def _slot(self, model_variable: Variable, variable_name: str, scope: str | None,
+              shape: Sequence[int] | None = None, initial_value: Any = None) -> Variable:
         role = {"m": "momentum", "average": "average"}.get(variable_name)
-        name = (slot_name(self.name, role, model_variable._shared_name) if role
-                else f"{self.name}/{variable_name}/{model_variable._shared_name}")
-        return Variable(init, name=name, layout=model_variable.layout)
+        if scope and role:
+            name = slot_name(scope, role, model_variable._shared_name)
+        else:
+            name = f"{scope + '/' if scope else ''}{variable_name}/{model_variable._shared_name}"
+        dt = model_variable.dtype
+        shape = model_variable.shape if shape is None else tuple(int(n) for n in shape)
+        if initial_value is None:
+            init = np.zeros(shape, dt)
+        else:
+            init = initial_value.value if isinstance(initial_value, Variable) else initial_value
+            if tuple(np.shape(init)) != shape:
+                raise ValueError(f"add_variable_from_reference({model_variable.name!r}, {variable_name!r}): "
+                                 f"initial_value has shape {list(np.shape(init))}, expected {list(shape)}")
+        layout = (model_variable.layout if shape == model_variable.shape
+                  else Layout.replicated(model_variable.mesh, len(shape)))
+        return Variable(init, name=name, layout=layout, dtype=dt)
 
     def exclude_from_weight_decay(self, var_list: Iterable[Variable] | None = None,
                                   var_names: Iterable[str] | None = None) -> None:
@@ -216,14 +292,16 @@ class SGD:
         var_list = list(var_list)
         mesh = self._common_mesh(var_list)
         if self._iterations.mesh != mesh:
-            it = self._iterations.numpy()
-            self._iterations = Variable(it, name="iteration", layout=Layout.replicated(mesh, 0), dtype=np.int64)
+            it = self._iterations
+            self._iterations = Variable(it.numpy(), name=it._shared_name, layout=Layout.replicated(mesh, 0),
+                                        dtype=it.dtype)
         for k, v in enumerate(var_list):
             self._index[v._unique_id] = k
         self._tracked = var_list
+        scope = self._name_scope or self.name  # tf_keras: the scope apply_gradients opens (a direct build: ours)
         if self._config.use_ema:
-            self._averages = [self.add_variable_from_reference(v, "average") for v in var_list]
-        self._momenta = [self.add_variable_from_reference(v, "m") for v in var_list]
+            self._averages = [self._slot(v, "average", scope, initial_value=v) for v in var_list]
+        self._momenta = [self._slot(v, "m", scope) for v in var_list]
         self._built = True
 
     def _common_mesh(self, var_list: Sequence[Variable]) -> Mesh:
@@ -241,6 +319,8 @@ class SGD:
 
     def set_weights(self, weights: Sequence[Any]) -> None:
         """Sets `variables` (same order) from arrays; checks every shape first."""
+        if not self._built:
+            raise ValueError(_NOT_BUILT)
         current = self.variables
         if len(weights) != len(current):
             raise ValueError(f"set_weights expects {len(current)} arrays (the order of `variables`: "
@@ -287,7 +367,7 @@ class SGD:
         if all(g is None for g in grads):
             raise ValueError(f"No gradients provided for any variable: ({[getattr(v, 'name', v) for v in variables]},"
                              f"). Provided `grads_and_vars` is {tuple(pairs)}.")
-        self._common_mesh(variables)
+        mesh = self._common_mesh(variables)
         seen: dict[int, str] = {}
         for v in variables:
             if v._unique_id in seen:
@@ -295,16 +375,72 @@ class SGD:
             seen[v._unique_id] = v.name
         present = [(g, v) for g, v in pairs if g is not None]
         placed = [self._place_gradient(g, v) for g, v in present]  # checks before any state changes
+        stepped = [v for _, v in present]
+        decay = self._decay_flags(stepped)
         if self._built:
-            for _, v in present:
+            for v in stepped:
                 self._slot_index(v)
+        else:  # the generator's checks run now, before build creates anything (the text is kept for the compile)
+            _ = self._step(stepped, self._config, decay, mesh).program.stage0_text
+        self._check_constraints(stepped)
+        lr = self._lr_value(self._config)  # a custom schedule is evaluated here: a failure changes nothing
         missing = [v.name for g, v in pairs if g is None]
         if missing:
             warnings.warn(f"Gradients do not exist for variables {missing} when minimizing the loss. If you're "
                           "using `model.compile()`, did you forget to provide a `loss` argument?", stacklevel=2)
-        self.build(variables)
-        self._run([v for _, v in present], placed, self._config, self._decay_flags([v for _, v in present]))
+        self._name_scope = name or self.name  # tf_keras builds inside name_scope(name or self.name)
+        try:
+            self.build(variables)
+        finally:
+            self._name_scope = None
+        self._run(stepped, placed, self._config, decay, lr)
+        self._apply_constraints(stepped)
         return self._iterations
+
+    def _lr_value(self, config: SGDConfig) -> np.float32 | None:
+        """The step's runtime learning rate: the float, a custom schedule's value at the current
+        `iterations` (evaluated on the host), or None for a schedule the program computes."""
+        lr = config.learning_rate
+        if not isinstance(lr, LearningRateSchedule):
+            return np.float32(lr)
+        return None if schedules.is_compiled(lr) else schedules.evaluate(lr, self._step_count())
+
+    def _constraint(self, v: Variable) -> Any:
+        """`v.constraint` as a jitted function that keeps the variable's dtype and layout."""
+        import jax
+        import jax.numpy as jnp
+
+        sharding = v.layout.named_sharding()
+        key = (v.constraint, sharding)
+        fn = self._constraints.get(key)
+        if fn is None:
+            c = v.constraint
+            fn = self._constraints[key] = jax.jit(lambda w: jnp.asarray(c(w)).astype(w.dtype), out_shardings=sharding)
+        return fn
+
+    def _check_constraints(self, variables: Sequence[Variable]) -> None:
+        """Each constraint must map the variable's shape to itself; checked (abstractly, once per
+        constraint and layout) before the step, so that a bad one changes nothing."""
+        import jax
+
+        for v in variables:
+            if v.constraint is None:
+                continue
+            try:
+                out = jax.eval_shape(self._constraint(v), jax.ShapeDtypeStruct(v.shape, v.dtype))
+            except Exception as e:
+                raise ValueError(f"the constraint of variable {v.name!r} failed on an array of shape "
+                                 f"{list(v.shape)} and dtype {v.dtype}: {e}") from e
+            if tuple(out.shape) != v.shape:
+                raise ValueError(f"the constraint of variable {v.name!r} returns shape {list(out.shape)}, but the "
+                                 f"variable has shape {list(v.shape)}; a constraint must keep the shape")
+
+    def _apply_constraints(self, variables: Sequence[Variable]) -> None:
+        """tf_keras: `variable.assign(variable.constraint(variable))` after the step, for each
+        variable it updated (after the EMA, which saw the unconstrained value)."""
+        for v in variables:
+            if v.constraint is not None:
+                v._bind(self._constraint(v)(v.value))
 
     def _decay_flags(self, variables: Sequence[Variable]) -> list[bool]:
         return [self._use_weight_decay(v) for v in variables]
@@ -330,15 +466,18 @@ class SGD:
                                  f"is {want}; jax.device_put(gradient, variable.layout.named_sharding()) first")
         return backend.device_put(np.asarray(g), want)
 
-    def _step(self, variables: Sequence[Variable], config: SGDConfig, decay: Sequence[bool]) -> Step:
-        """The functional step for these variables and config (built once per signature)."""
-        signature = config if config.lr_is_schedule else dataclasses.replace(config, learning_rate=0.0)
+    def _step(self, variables: Sequence[Variable], config: SGDConfig, decay: Sequence[bool],
+              mesh: Mesh | None = None) -> Step:
+        """The functional step for these variables and config (built once per signature).
+        Variables are keyed by identity; the specs get unique names (`_unique_names`)."""
+        signature = _program_config(config)
         key = (tuple(v._unique_id for v in variables), tuple(decay), signature)
         step = self._steps.get(key)
         if step is None:
-            specs = tuple(VarSpec(v._shared_name, v.shape, canonical_dtype(v.dtype), v.layout, d)
-                          for v, d in zip(variables, decay))
-            step = self._steps[key] = Step(StepProgram(signature, specs, self.mesh))
+            names = _unique_names([v._shared_name for v in variables])
+            specs = tuple(VarSpec(n, v.shape, canonical_dtype(v.dtype), v.layout, d)
+                          for n, v, d in zip(names, variables, decay))
+            step = self._steps[key] = Step(StepProgram(signature, specs, mesh if mesh is not None else self.mesh))
         return step
 
     def _program(self, variables: Sequence[Variable], config: SGDConfig, decay: Sequence[bool]) -> StepProgram:
@@ -347,20 +486,28 @@ class SGD:
         return StepProgram(config, signature.variables, signature.mesh)
 
     def _run(self, variables: Sequence[Variable], grads: Sequence[Any], config: SGDConfig,
-             decay: Sequence[bool], *, iterations: Variable | None = None) -> None:
-        """One step of the functional core over these variables' arrays; the results are bound
-        back to the variables and slots only after the step has run."""
+             decay: Sequence[bool], lr: np.float32 | None, *, iterations: Variable | None = None) -> None:
+        """One step of the functional core over these variables' arrays (`lr`: `_lr_value`);
+        the results are bound back to the variables and slots only after the step has run."""
         step = self._step(variables, config, decay)
         it = iterations if iterations is not None else self._iterations
         idx = [self._slot_index(v) for v in variables]
         momenta = [self._momenta[k] for k in idx]
         averages = [self._averages[k] for k in idx] if config.use_ema else []
-        state = StepState(it.value, tuple(m.value for m in momenta), tuple(a.value for a in averages))
-        lr = None if config.lr_is_schedule else np.float32(config.learning_rate)
+        narrow = it.dtype != np.int64  # an int32 counter: the program reads int64 (see `iterations`)
+        counter = self._counter(it.value, np.int64, it) if narrow else it.value
+        state = StepState(counter, tuple(m.value for m in momenta), tuple(a.value for a in averages))
         params, new = step.apply(state, [v.value for v in variables], grads, lr)
+        counter = self._counter(new.iterations, it.dtype, it) if narrow else new.iterations
         for owner, value in zip([it, *variables, *momenta, *averages],
-                                [new.iterations, *params, *new.momenta, *new.averages]):
+                                [counter, *params, *new.momenta, *new.averages]):
             owner._bind(value)
+
+    @staticmethod
+    def _counter(value: Any, dtype: Any, like: Variable) -> Any:
+        """A scalar counter converted to `dtype` (int64 <-> int32, wrapping as C casts do), on
+        `like`'s layout. A host round trip of one scalar: only an int32 counter takes it."""
+        return backend.device_put(np.asarray(value).astype(dtype), like.layout.named_sharding())
 
     def update_step(self, gradient: Any, variable: Variable) -> None:
         """The per-variable update alone (momentum / Nesterov with the current learning rate):
@@ -371,12 +518,18 @@ class SGD:
                                    clipvalue=None, global_clipnorm=None, weight_decay=None, use_ema=False)
         scratch = Variable(np.int64(0), name="update_step_counter", layout=Layout.replicated(self.mesh, 0),
                            dtype=np.int64)
-        self._run([variable], [g], core, [False], iterations=scratch)
+        self._run([variable], [g], core, [False], np.float32(core.learning_rate), iterations=scratch)
 
     def compute_gradients(self, loss: Callable[[], Any], var_list: Any, tape: Any = None) -> list[tuple[Any, Variable]]:
         """(gradient, variable) pairs of a zero-argument `loss` by JAX autodiff; a variable the
-        loss does not read gets `None`, as in Keras."""
+        loss does not read gets `None`, as in Keras.
+
+        As `tf.GradientTape.gradient`, a non-scalar loss is differentiated as the sum of its
+        elements. A callable `var_list` is called after `loss()` (tf_keras' order), so variables
+        the loss creates on its first call are included; `loss` then runs once more, traced.
+        """
         import jax
+        import jax.numpy as jnp
 
         if tape is not None:
             raise ValueError("`tape` is a TensorFlow GradientTape; sgdgen differentiates a zero-argument `loss` "
@@ -384,11 +537,20 @@ class SGD:
         if not callable(loss):
             raise TypeError("`loss` must be a zero-argument callable that reads the variables, e.g. "
                             "lambda: (var ** 2) / 2")
-        variables = list(var_list() if callable(var_list) else var_list)
+        if callable(var_list):
+            loss()
+            var_list = var_list()
+        variables = list(var_list)
+        for v in variables:
+            if not isinstance(v, Variable):
+                raise TypeError(f"var_list holds a {type(v).__name__}; compute_gradients differentiates with respect "
+                                "to sgdgen.Variable objects only")
 
         def f(values: list[Any]) -> Any:
             with substituted(variables, values):
-                return loss()
+                out = loss()
+                out = out.value if isinstance(out, Variable) else out  # read inside: the value is the tracer
+            return jnp.sum(out)  # the identity on a scalar
 
         values = [v.value for v in variables]
         jaxpr = jax.make_jaxpr(f)(values).jaxpr
@@ -407,6 +569,11 @@ class SGD:
 
         if not self._built:
             raise RuntimeError("build the optimizer (opt.build(variables)) before saving its artifact")
+        lr = self._config.learning_rate
+        if isinstance(lr, LearningRateSchedule) and not schedules.is_compiled(lr):
+            raise ValueError(f"learning_rate: the custom schedule {type(lr).__name__} is evaluated on the host each "
+                             "step and cannot be stored in an artifact; use a float or one of "
+                             f"{', '.join(schedules.SCHEDULES)}")
         program = self._program(self._tracked, self._config, self._decay_flags(self._tracked))
         return artifact.write(program, path)
 

@@ -52,10 +52,18 @@ class Variable:
       dtype: optional dtype to cast to. Floating dtypes are what the optimizer updates; an
         integer variable (a step counter) may exist, but `SGD` refuses to update it.
       trainable: kept for Keras compatibility.
+      constraint: optional function of the variable's array returning an array of the same
+        shape (e.g. `lambda w: w * (w >= 0)`, Keras' NonNeg). As in tf_keras, the optimizer
+        applies it to the variable after every step that updates it (a jitted JAX function);
+        `assign` does not apply it.
     """
 
     def __init__(self, initial_value: Any, *, layout: Layout | Any = None, name: str | None = None,
-                 mesh: Mesh | Any = None, dtype: Any = None, trainable: bool = True):
+                 mesh: Mesh | Any = None, dtype: Any = None, trainable: bool = True,
+                 constraint: Any = None):
+        if constraint is not None and not callable(constraint):
+            raise TypeError(f"variable {name!r}: `constraint` must be a callable (array -> array) or None. "
+                            f"Received: constraint={constraint!r}")
         host = np.asarray(initial_value) if not hasattr(initial_value, "sharding") else initial_value
         if isinstance(initial_value, (float, list, tuple)) and host.dtype == np.float64:
             host = host.astype(np.float32)  # Python floats default to floatx (float32), as tf.Variable
@@ -70,7 +78,7 @@ class Variable:
         self.layout = lay
         self.trainable = trainable
         self._unique_id = next(_ids)
-        self.constraint = None
+        self.constraint = constraint
         self._value = self._place(host, dt)
 
     # ---- the array ---------------------------------------------------------------------

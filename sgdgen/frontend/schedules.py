@@ -6,6 +6,19 @@ generator reads them), the same `get_config` keys in Keras order, and `__call__(
 giving the float32 value at an iteration count. Every intermediate is `np.float32`,
 whatever the Python types of the arguments, so this module is the host-side oracle for
 the schedule arithmetic the compiled step does on device.
+
+Argument checks follow tf_keras 2.21, which checks only the length of
+PiecewiseConstantDecay's lists: a zero or negative `decay_steps` (e.g. a warmup-only
+`CosineDecay(decay_steps=0, warmup_target=...)`) is accepted and gives what TF's float32
+arithmetic gives (NaN once `0/0` is reached). Keras 3 refuses `decay_steps <= 0`; sgdgen
+follows tf_keras. sgdgen adds only checks for values it could not compile: non-numbers,
+and PiecewiseConstantDecay boundaries that are empty, non-finite or decreasing (tf_keras
+fails on those at the first call, or at the steps where its `tf.case` overlaps).
+
+A user subclass of `LearningRateSchedule` (any class not in `SCHEDULES`) cannot be
+compiled: the optimizer evaluates it on the host at every step with `evaluate` and feeds
+the value to the step as its runtime learning rate, as tf_keras evaluates a schedule in
+eager mode.
 """
 
 from __future__ import annotations
@@ -25,6 +38,8 @@ __all__ = [
     "CosineDecay",
     "CosineDecayRestarts",
     "SCHEDULES",
+    "is_compiled",
+    "evaluate",
     "serialize",
     "deserialize",
 ]
@@ -62,14 +77,6 @@ def _finite_f32(owner: str, arg: str, value: int | float) -> int | float:
             f"{owner}: `{arg}` must be finite in float32 (|x| up to about 3.4e38), "
             f"the precision schedules compute in. Received: {arg}={value!r}"
         )
-    return value
-
-
-def _positive(owner: str, arg: str, value: Any) -> int | float:
-    """A real number > 0 (a step count used as a divisor)."""
-    value = _real(owner, arg, value)
-    if not value > 0:
-        raise ValueError(f"{owner}: `{arg}` must be > 0. Received: {arg}={value!r}")
     return value
 
 
@@ -169,7 +176,7 @@ class _StepDecay(LearningRateSchedule):
     ) -> None:
         owner = type(self).__name__
         self.initial_learning_rate = _real(owner, "initial_learning_rate", initial_learning_rate)
-        self.decay_steps = _positive(owner, "decay_steps", decay_steps)
+        self.decay_steps = _real(owner, "decay_steps", decay_steps)
         self.decay_rate = _real(owner, "decay_rate", decay_rate)
         self.staircase = _flag(owner, "staircase", staircase)
         self.name = _name(owner, name)
@@ -253,7 +260,7 @@ class PolynomialDecay(LearningRateSchedule):
     ) -> None:
         owner = type(self).__name__
         self.initial_learning_rate = _real(owner, "initial_learning_rate", initial_learning_rate)
-        self.decay_steps = _positive(owner, "decay_steps", decay_steps)
+        self.decay_steps = _real(owner, "decay_steps", decay_steps)
         self.end_learning_rate = _real(owner, "end_learning_rate", end_learning_rate)
         self.power = _real(owner, "power", power)
         self.cycle = _flag(owner, "cycle", cycle)
@@ -302,15 +309,13 @@ class CosineDecay(LearningRateSchedule):
     ) -> None:
         owner = type(self).__name__
         self.initial_learning_rate = _real(owner, "initial_learning_rate", initial_learning_rate)
-        self.decay_steps = _positive(owner, "decay_steps", decay_steps)
+        self.decay_steps = _real(owner, "decay_steps", decay_steps)
         self.alpha = _real(owner, "alpha", alpha)
         self.name = _name(owner, name)
         self.warmup_target = (
             None if warmup_target is None else _real(owner, "warmup_target", warmup_target)
         )
         self.warmup_steps = _real(owner, "warmup_steps", warmup_steps)
-        if self.warmup_steps < 0:
-            raise ValueError(f"{owner}: `warmup_steps` must be >= 0. Received: warmup_steps={warmup_steps!r}")
 
     def _decay(self, s: np.float32, decay_steps: np.float32, from_lr: np.float32) -> np.float32:
         cosine = _HALF * (_ONE + np.cos(_PI * (s / decay_steps)))
@@ -348,8 +353,8 @@ class CosineDecayRestarts(LearningRateSchedule):
     ) -> None:
         owner = type(self).__name__
         self.initial_learning_rate = _real(owner, "initial_learning_rate", initial_learning_rate)
-        self.first_decay_steps = _positive(owner, "first_decay_steps", first_decay_steps)
-        self.t_mul = _positive(owner, "t_mul", t_mul)
+        self.first_decay_steps = _real(owner, "first_decay_steps", first_decay_steps)
+        self.t_mul = _real(owner, "t_mul", t_mul)
         self.m_mul = _real(owner, "m_mul", m_mul)
         self.alpha = _real(owner, "alpha", alpha)
         self.name = _name(owner, name)
@@ -380,40 +385,81 @@ SCHEDULES: dict[str, type[LearningRateSchedule]] = {
     )
 }
 
+_COMPILED = frozenset(SCHEDULES.values())
+
 _MODULES = ("keras.optimizers.schedules", "tf_keras.optimizers.schedules")
 
 
+def is_compiled(schedule: Any) -> bool:
+    """Whether the step computes `schedule` itself (one of the built-in classes, exactly:
+    a subclass may override `__call__`); any other schedule is evaluated on the host."""
+    return type(schedule) in _COMPILED
+
+
+def evaluate(schedule: LearningRateSchedule, step: Any) -> np.float32:
+    """`schedule(step)` as a float32 scalar, or a ValueError that names the schedule.
+
+    This is how a custom schedule becomes the runtime learning rate of each step; the
+    optimizer calls it at construction too (tf_keras' `_build_learning_rate` evaluates the
+    schedule at iteration 0), so a broken schedule fails there, not at the first step.
+    """
+    value = schedule(step)
+    arr = np.asarray(value)
+    if arr.ndim != 0 or arr.dtype.kind not in "iuf":
+        raise ValueError(
+            f"learning_rate: schedule {type(schedule).__name__}({step}) returned {value!r}; a schedule "
+            "must return a real scalar (a Python float, a NumPy or JAX scalar)"
+        )
+    return _F32(arr)
+
+
 def serialize(schedule: LearningRateSchedule) -> dict[str, Any]:
-    """The Keras serialization dict that tf_keras' `get_config` gives for a schedule."""
+    """The Keras serialization dict that tf_keras' `get_config` gives for a schedule: a
+    built-in one names its Keras module; a custom one has module None and its class name
+    as `registered_name` (tf_keras' optimizer_test `testGetAndFromConfig`)."""
     if not isinstance(schedule, LearningRateSchedule):
         raise TypeError(f"serialize expects a LearningRateSchedule. Received: {schedule!r}")
+    builtin = is_compiled(schedule)
+    name = type(schedule).__name__
     return {
-        "module": "keras.optimizers.schedules",
-        "class_name": type(schedule).__name__,
+        "module": "keras.optimizers.schedules" if builtin else None,
+        "class_name": name,
         "config": schedule.get_config(),
-        "registered_name": None,
+        "registered_name": None if builtin else name,
     }
 
 
-def deserialize(d: dict[str, Any] | LearningRateSchedule) -> LearningRateSchedule:
-    """Rebuild a schedule from `serialize(...)`'s dict (Keras or tf_keras module, or none)."""
+def deserialize(d: dict[str, Any] | LearningRateSchedule,
+                custom_objects: dict[str, Any] | None = None) -> LearningRateSchedule:
+    """Rebuild a schedule from `serialize(...)`'s dict (Keras or tf_keras module, or none).
+
+    `custom_objects` maps a class name (or registered name) to a user schedule class, as
+    Keras' `deserialize(config, custom_objects)`; it is looked up before the built-ins.
+    """
     if isinstance(d, LearningRateSchedule):
         return d
     if not isinstance(d, dict) or "class_name" not in d:
         raise ValueError(
             f"A serialized schedule must be a dict with 'class_name' and 'config'. Received: {d!r}"
         )
-    module = d.get("module")
-    if module is not None and module not in _MODULES:
-        raise ValueError(
-            f"Unknown schedule module {module!r}; expected one of {list(_MODULES)} or none."
-        )
     class_name = d["class_name"]
-    cls = SCHEDULES.get(class_name)
+    custom = dict(custom_objects or {})
+    cls = custom.get(d.get("registered_name") or class_name, custom.get(class_name))
+    if cls is None:
+        module = d.get("module")
+        if module is not None and module not in _MODULES:
+            raise ValueError(
+                f"Unknown schedule module {module!r}; expected one of {list(_MODULES)} or none."
+            )
+        cls = SCHEDULES.get(class_name)
     if cls is None:
         raise ValueError(
-            f"Unknown learning rate schedule class_name={class_name!r}. "
-            f"Known schedules: {', '.join(SCHEDULES)}."
+            f"Unknown learning rate schedule class_name={class_name!r}. Known schedules: "
+            f"{', '.join(SCHEDULES)}. A custom schedule needs custom_objects={{{class_name!r}: <its class>}}."
+        )
+    if not (isinstance(cls, type) and issubclass(cls, LearningRateSchedule)):
+        raise ValueError(
+            f"custom_objects[{class_name!r}] must be a sgdgen LearningRateSchedule subclass. Received: {cls!r}"
         )
     config = d.get("config", {})
     if not isinstance(config, dict):
