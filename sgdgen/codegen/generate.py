@@ -21,27 +21,21 @@ import jinja2
 import numpy as np
 
 from sgdgen import __version__
+from sgdgen.codegen import constants
 from sgdgen.codegen.abi import StepABI
 from sgdgen.frontend.spec import Mesh, VarSpec, numpy_dtype, tensor_type
 
 #: The wide type that accumulates the norm of a variable of each element type (SEMANTICS §6).
 WIDE = {"f16": "f32", "bf16": "f32", "f32": "f64", "f64": "f64"}
 
-_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
-
-
 def hex_literal(value: float, dtype: str, *, via_float32: bool = False) -> str:
     """The exact bit pattern of `value` in `dtype`, as an MLIR hex literal (`0x3F800000`).
 
     `via_float32` rounds to float32 first, as `tf.cast(python_float, T)` does for the
     learning rate, momentum and weight decay; without it the double converts straight to T.
+    The rounding is `sgdgen.codegen.constants`' own, independent of the reference's casts.
     """
-    from sgdgen.reference import cast_T, to_T
-
-    x = np.asarray((cast_T if via_float32 else to_T)(value, numpy_dtype(dtype)))
-    width = x.dtype.itemsize
-    bits = int(np.asarray(x).reshape(1).view(_UINT[width])[0])
-    return f"0x{bits:0{2 * width}X}"
+    return constants.hex_bits((constants.cast_bits if via_float32 else constants.to_bits)(value, dtype), dtype)
 
 
 @cache
