@@ -46,7 +46,7 @@ class Collectives:
             return ids.reshape(1, 1)
         keep = [i for i, a in enumerate(self.names) if a not in over]
         moved = [self.names.index(a) for a in over]
-        return ids.transpose(keep + moved).reshape(-1, math.prod(self.sizes[i] for i in moved))
+        return np.ascontiguousarray(ids.transpose(keep + moved).reshape(-1, math.prod(self.sizes[i] for i in moved)))
 
     def _channel(self) -> ir.Attribute:
         handle = self._next_channel

@@ -53,10 +53,8 @@ class _Classes:
 
 def rank(v: ir.Value) -> int:
     """The rank of a ranked tensor value, 0 for anything else."""
-    try:
-        return ir.RankedTensorType(v.type).rank
-    except ValueError:
-        return 0
+    t = v.type  # the bindings return types already downcast
+    return t.rank if isinstance(t, ir.RankedTensorType) else 0
 
 
 @dataclass(frozen=True)
@@ -249,9 +247,11 @@ def analyze(module: ir.Operation) -> Analysis:
     norms = [o for o in ops[:-1] if NORMS in o.attributes]
     a = Analysis(main, ops, mesh, in_sh, out_sh, in_layouts, classes, class_layout, partials, norms)
 
-    covered = _reductions_feeding_partials(ops[:-1])
-    for o in ops[:-1]:
-        if not any(any(a.value_layout(v)) for v in [*o.operands, *o.results]):
+    # Only values in a class with a sharded layout constrain the ops that touch them.
+    sharded = {root for root, layout in class_layout.items() if any(layout)}
+    covered = _reductions_feeding_partials(ops[:-1]) if sharded else set()
+    for o in ops[:-1] if sharded else ():
+        if not any(rank(v) > 0 and classes.find(v) in sharded for v in [*o.operands, *o.results]):
             continue
         if o.name in SCALAR_ONLY:
             raise PassError(f"cannot partition {o.name} of a sharded value: only elementwise ops and norm "
