@@ -24,10 +24,10 @@ from typing import Any
 from jaxlib.mlir import ir
 
 from sgdgen.passes import register
+from sgdgen.passes.attrs import ALIASING_OUTPUT as ALIAS, SHARDING, STATE_COUNT
 from sgdgen.passes.common import PassError, find_main, guarded, int_attr, module_of
 
 NAME = "sgd-alias-buffers"
-ALIAS = "tf.aliasing_output"
 
 
 def _dicts(func: ir.Operation, key: str, n: int) -> list[dict[str, ir.Attribute]]:
@@ -39,14 +39,14 @@ def _dicts(func: ir.Operation, key: str, n: int) -> list[dict[str, ir.Attribute]
 def _alias(op: Any) -> None:
     """Mark state argument k as aliased to result k, after checking the pair matches."""
     main = find_main(module_of(op))
-    count = int_attr(main, "sgdgen.state_count")
+    count = int_attr(main, STATE_COUNT)
     if count is None:
-        raise PassError("@main has no sgdgen.state_count attribute, so which arguments are state is unknown; "
+        raise PassError(f"@main has no {STATE_COUNT} attribute, so which arguments are state is unknown; "
                         "emit the module with sgdgen emit", main)
     ftype = ir.FunctionType(ir.TypeAttr(main.attributes["function_type"]).value)
     in_types, out_types = list(ftype.inputs), list(ftype.results)
     if count > len(out_types) or count > len(in_types):
-        raise PassError(f"sgdgen.state_count = {count} but @main has {len(in_types)} arguments and "
+        raise PassError(f"{STATE_COUNT} = {count} but @main has {len(in_types)} arguments and "
                         f"{len(out_types)} results", main)
     args = _dicts(main, "arg_attrs", len(in_types))
     results = _dicts(main, "res_attrs", len(out_types))
@@ -55,7 +55,7 @@ def _alias(op: Any) -> None:
         if in_types[k] != out_types[k]:
             raise PassError(f"state argument {k} has type {in_types[k]} but result {k} has type "
                             f"{out_types[k]}; a buffer can only be updated in place by a value of its type", main)
-        a, r = (str(d["sdy.sharding"]) if "sdy.sharding" in d else None for d in (args[k], results[k]))
+        a, r = (str(d[SHARDING]) if SHARDING in d else None for d in (args[k], results[k]))
         if a != r:
             raise PassError(f"state argument {k} is sharded as {a} but result {k} as {r}; an in-place update "
                             "keeps the layout", main)

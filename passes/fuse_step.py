@@ -41,15 +41,16 @@ from jaxlib.mlir.dialects import stablehlo
 
 from sgdgen import backend
 from sgdgen.passes import register
+from sgdgen.passes.attrs import NORM_PARTIAL as PARTIAL, NORM_PARTIAL_STAGE, NORMS, STAGE
 from sgdgen.passes.common import PassError, body_ops, find_functions, find_main, guarded, module_of, string_attr
 
 NAME = "sgd-fuse-step"
-PARTIAL = "sgdgen.norm_partial"
-NORMS = "sgdgen.norms"
 
 
 def _inline_calls(main: ir.Operation, functions: dict[str, ir.Operation]) -> set[str]:
-    """Inlines every func.call in @main; tags the ops that produce norm partials."""
+    """Inlines every func.call in @main; tags the ops that produce norm partials.
+
+    Each callee is checked once, however many calls it has (linear in the calls)."""
     inlined: set[str] = set()
     for op in body_ops(main):
         if op.name != "func.call":
@@ -58,13 +59,15 @@ def _inline_calls(main: ir.Operation, functions: dict[str, ir.Operation]) -> set
         callee = functions.get(callee_name)
         if callee is None:
             raise PassError(f"call to @{callee_name}, which is not defined in this module", op)
-        if not callee.regions[0].blocks or not len(callee.regions[0].blocks):
-            raise PassError(f"call to @{callee_name}, which is only declared (no body to inline)", op)
-        if any(o.name == "func.call" for o in body_ops(callee)):
-            raise PassError(f"@{callee_name} calls another function; stage functions must be straight-line", callee)
+        if callee_name not in inlined:
+            if not callee.regions[0].blocks or not len(callee.regions[0].blocks):
+                raise PassError(f"call to @{callee_name}, which is only declared (no body to inline)", op)
+            if any(o.name == "func.call" for o in body_ops(callee)):
+                raise PassError(f"@{callee_name} calls another function; stage functions must be straight-line",
+                                callee)
         with ir.InsertionPoint(op), op.location:
             new_values = backend.inlined_func_call(callee, op.operands)
-        if string_attr(callee, "sgdgen.stage") == "norm_partial":
+        if string_attr(callee, STAGE) == NORM_PARTIAL_STAGE:
             for v in new_values:
                 if isinstance(v.owner, ir.Block):
                     raise PassError(f"norm partial @{callee_name} returns its argument; it must compute a value", callee)
@@ -113,7 +116,7 @@ def _join_norms(main: ir.Operation) -> None:
         partials[0].owner.attributes[NORMS] = ir.UnitAttr.get()
         return
     # clipnorm: pack the partials into one vector and read each element back.
-    last = max((p.owner for p in partials), key=lambda o: ops.index(o))
+    last = partials[-1].owner  # partials are in program order
     with ir.InsertionPoint.after(last), last.location:
         vec1 = ir.RankedTensorType.get([1], ir.RankedTensorType(scalar_type).element_type)
         pieces = [stablehlo.reshape(vec1, p) for p in partials]
@@ -126,13 +129,17 @@ def _join_norms(main: ir.Operation) -> None:
 
 
 def _partial_sum_chain(ops: list[ir.Operation]) -> list[ir.Operation]:
-    """The adds (in program order) that only sum norm partials and each other."""
+    """The adds (in program order) that only sum norm partials and each other (a set for
+    membership: the chain has one add per variable)."""
     members: list[ir.Operation] = []
+    seen: set[ir.Operation] = set()
     for op in ops:
         if op.name != "stablehlo.add":
             continue
-        if all(_is_partial(v) or (not isinstance(v.owner, ir.Block) and v.owner in members) for v in op.operands):
+        if all(_is_partial(v) or (not isinstance(v.owner, ir.Block) and v.owner.operation in seen)
+               for v in op.operands):
             members.append(op)
+            seen.add(op)
     return members
 
 

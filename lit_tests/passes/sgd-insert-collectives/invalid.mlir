@@ -197,3 +197,29 @@ module @already_partitioned {
     return %0 : tensor<8x16xf32>
   } loc("partitioned_main")
 }
+
+// -----
+
+/// On one device nothing is partitioned, but the checks are those of the partitioned case: a
+/// result laid out differently from the value returned is still refused (at the return).
+// CHECK: one_device_invalid: error: sgd-insert-collectives: result 0 is declared [('model',), ()] but the value returned is laid out [(), ()]
+module @one_device_invalid {
+  sdy.mesh @mesh = <["model"=1]>
+  func.func public @main(%w: tensor<8x4xf32> {sdy.sharding = #sdy.sharding<@mesh, [{}, {}]>})
+      -> (tensor<8x4xf32> {sdy.sharding = #sdy.sharding<@mesh, [{"model"}, {}]>}) {
+    return %w : tensor<8x4xf32> loc("one_device_invalid")
+  }
+}
+
+// -----
+
+/// Two meshes: which one the step runs on is ambiguous. Reported at the second.
+// CHECK: second_mesh: error: sgd-insert-collectives: expects exactly one sdy.mesh, found 2; partition a module with one mesh
+module @two_meshes {
+  sdy.mesh @mesh = <["model"=2]>
+  sdy.mesh @other = <["model"=4]> loc("second_mesh")
+  func.func public @main(%w: tensor<8xf32> {sdy.sharding = #sdy.sharding<@mesh, [{}]>})
+      -> (tensor<8xf32> {sdy.sharding = #sdy.sharding<@mesh, [{}]>}) {
+    return %w : tensor<8xf32>
+  }
+}

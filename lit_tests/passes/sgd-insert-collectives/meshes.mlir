@@ -1,7 +1,25 @@
 // RUN: sgdgen-opt %s --split-input-file --pass-pipeline='builtin.module(sgd-insert-collectives)' | filecheck %s
 
 /// Meshes other than the 2-axis one: the manual axes are always all mesh axes, the one
-/// replica group always lists every device, and mask strides follow the axis order.
+/// replica group always lists every device, and mask strides follow the axis order. The
+/// mesh symbol is whatever the module names it (@devices below), never assumed to be @mesh.
+
+// CHECK-LABEL: module @named_devices
+// CHECK:         sdy.manual_computation(%{{.*}}) in_shardings=[<@devices, [{"d"}]>] out_shardings=[<@devices, []>] manual_axes={"d"} (%{{.*}}: tensor<2xf32>)
+// CHECK:           "stablehlo.all_reduce"
+// CHECK-SAME{LITERAL}: replica_groups = dense<[[0, 1, 2, 3]]> : tensor<1x4xi64>
+module @named_devices {
+  sdy.mesh @devices = <["d"=4]>
+  func.func public @main(%g: tensor<8xf32> {sdy.sharding = #sdy.sharding<@devices, [{"d"}]>})
+      -> (tensor<f32> {sdy.sharding = #sdy.sharding<@devices, []>}) {
+    %zero = stablehlo.constant dense<0.0> : tensor<f32>
+    %gg = stablehlo.multiply %g, %g : tensor<8xf32>
+    %p = stablehlo.reduce(%gg init: %zero) applies stablehlo.add across dimensions = [0] {sgdgen.norm_partial, sgdgen.norms} : (tensor<8xf32>, tensor<f32>) -> tensor<f32>
+    return %p : tensor<f32>
+  }
+}
+
+// -----
 
 /// Three axes "x"=2, "y"=2, "z"=2 (8 devices). A variable sharded on "y" is replicated
 /// over "x" (stride 2 * 2 = 4, size 2) and "z" (stride 1, size 2).
@@ -117,15 +135,18 @@ module @size_one_axis_not_masked {
 
 // -----
 
-/// A one-device mesh: the local sums are already the global ones, so neither masks
-/// nor an all_reduce are added.
+/// A one-device mesh: the local program is the global one, so the body stays in @main:
+/// no sdy.manual_computation (JAX emits none when every manual axis has size 1, and XLA
+/// cannot run one in a program it never partitions), no masks, no all_reduce.
 // CHECK-LABEL: module @one_device
-// CHECK:         sdy.manual_computation
-// CHECK-SAME:        manual_axes={"x"} (%[[B:.*]]: tensor<16xf32>) {
+// CHECK:         func.func public @main(%[[B:.*]]: tensor<16xf32> {sdy.sharding = #sdy.sharding<@mesh, [{}]>})
+// CHECK-NOT:       sdy.manual_computation
 // CHECK-NOT:       partition_id
 // CHECK-NOT:       stablehlo.select
 // CHECK-NOT:       all_reduce
-// CHECK:           sdy.return
+// CHECK:           stablehlo.multiply %[[B]], %[[B]] : tensor<16xf32>
+// CHECK:           %[[P:.*]] = stablehlo.reduce{{.*}}{sgdgen.norm_partial, sgdgen.norms} : (tensor<16xf32>, tensor<f32>) -> tensor<f32>
+// CHECK-NEXT:      return %[[P]] : tensor<f32>
 module @one_device {
   sdy.mesh @mesh = <["x"=1]>
   func.func public @main(%b: tensor<16xf32> {sdy.sharding = #sdy.sharding<@mesh, [{}]>})
