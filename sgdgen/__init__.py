@@ -1,6 +1,6 @@
 """sgdgen: an ahead-of-time compiler and runtime for the Keras DTensor SGD optimizer."""
 
-__version__ = "0.1.0"
+from sgdgen._version import __version__
 
 # Installed, passes/ and templates/ live inside this package (pyproject's package-dir map).
 # In a source checkout they sit beside it; let `python -m sgdgen.tools.cli` run from the checkout

@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from sgdgen import __version__
+from sgdgen._version import __version__
 from sgdgen.codegen.abi import StepABI
 from sgdgen.codegen.rules import RULES, WIDE, Step
 from sgdgen.codegen.schedule_params import render_schedule

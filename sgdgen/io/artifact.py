@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sgdgen import __version__
+from sgdgen._version import __version__
 from sgdgen import backend
 from sgdgen.frontend.config import SGDConfig
 from sgdgen.runtime.program import StepProgram
