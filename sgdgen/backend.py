@@ -239,9 +239,10 @@ def executable_signature(executable: Any) -> tuple[list[tuple[tuple[int, ...], n
 
 def sharding_matches(hlo_sharding: Any, sharding: Any, ndim: int) -> bool:
     """Whether an executable's HloSharding (from `executable_signature`) places an
-    `ndim`-dimensional array as the jax `sharding` does."""
+    `ndim`-dimensional array as the jax `sharding` does. A one-device executable reports no
+    shardings (None): that matches a sharding on one device only."""
     from jax._src import op_shardings
 
     if hlo_sharding is None:
-        return False
+        return len(sharding.device_set) == 1
     return bool(op_shardings.are_hlo_shardings_equal(hlo_sharding, sharding._to_xla_hlo_sharding(ndim)))

@@ -29,10 +29,12 @@ old artifact or the new one, never a mix; a directory left by a killed writer is
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import warnings
@@ -55,6 +57,8 @@ __all__ = ["Artifact", "ArtifactError", "FORMAT_VERSION", "MIN_FORMAT_VERSION", 
            "write", "check_fresh"]
 
 MANIFEST = "manifest.json"
+#: the names `write` gives its temporary directories beside the target
+_LEFTOVER = re.compile(r"\..+\.(incomplete|replaced)-[0-9a-f]{8}")
 _MODULE_PREFIX = "sgdgen_"
 
 
@@ -66,11 +70,17 @@ def _executable_name(platform: str) -> str:
     return f"executable-{platform}.bin"
 
 
-def fingerprint(module_text: bytes, compile_options: dict[str, Any]) -> str:
-    """What binds an executable to its module: sha256 of step.mlir and the compile options."""
+def binding(module_text: bytes, manifest: Manifest) -> str:
+    """sha256 of step.mlir and the manifest's description of it (config, mesh, variables, ABI):
+    an edit to either side alone is seen at load."""
     h = hashlib.sha256(module_text)
-    h.update(json.dumps(compile_options, sort_keys=True).encode())
+    h.update(json.dumps([manifest.config, manifest.mesh, manifest.variables, manifest.abi], sort_keys=True).encode())
     return h.hexdigest()
+
+
+def fingerprint(binding_digest: str, compile_options: dict[str, Any]) -> str:
+    """What binds an executable to its module: the module's binding and the compile options."""
+    return _sha256(json.dumps([binding_digest, compile_options], sort_keys=True).encode())
 
 
 def _portable(text: str) -> tuple[bytes, str]:
@@ -227,21 +237,24 @@ def write(program: StepProgram, path: str | os.PathLike[str], *, executable: boo
     text = program.lowered_text.encode()
     files: dict[str, bytes] = {"step.mlir": text}
     files["step.mlirbc"], target = _portable(program.lowered_text)
+    manifest = Manifest(format_version=FORMAT_VERSION, calling_convention_version=CALLING_CONVENTION_VERSION,
+                        sgdgen_version=__version__, stablehlo_target_version=target,
+                        **json.loads(json.dumps({"config": program.config.get_config(), "mesh": program.mesh.to_json(),
+                                                 "variables": [v.to_json() for v in program.variables],
+                                                 "abi": program.abi.to_json()})))
+    bound = binding(text, manifest)
     entries: dict[str, ExecutableEntry] = {}
     if executable:
         fp = backend.platform_fingerprint()
         devices = backend.devices_for(program.mesh.device_ids)
         options = backend.compile_options_summary(devices)
-        digest = fingerprint(text, options)
+        digest = fingerprint(bound, options)
         entry = ExecutableEntry(file=_executable_name(fp["platform"]), fingerprint=digest, compile_options=options,
                                 **fp)
         files[entry.file] = _verified_executable(program, devices, fp, _MODULE_PREFIX + digest)
         entries[fp["platform"]] = entry
-    manifest = Manifest(format_version=FORMAT_VERSION, calling_convention_version=CALLING_CONVENTION_VERSION,
-                        sgdgen_version=__version__, stablehlo_target_version=target,
-                        config=program.config.get_config(), mesh=program.mesh.to_json(),
-                        variables=[v.to_json() for v in program.variables], abi=program.abi.to_json(),
-                        executables=entries, files={name: _sha256(data) for name, data in files.items()})
+    manifest = dataclasses.replace(manifest, binding=bound, executables=entries,
+                                   files={name: _sha256(data) for name, data in files.items()})
     files[MANIFEST] = manifest.dumps().encode()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.incomplete-{secrets.token_hex(4)}")
@@ -373,6 +386,10 @@ def read(path: str | os.PathLike[str], *, mesh: Mesh | Any = None,
     """Reads and verifies an artifact (each file read once); `mesh` / `variables`, when
     given, must match it (see `Artifact.check`)."""
     root = Path(path)
+    if _LEFTOVER.fullmatch(root.name):
+        raise ArtifactError(f"{root}: a directory left by an interrupted save (a new artifact not yet renamed "
+                            "into place, or the old one set aside); it is never loaded: delete it, or rename it to "
+                            "the artifact's name to keep it")
     if root.is_symlink() or not (root / MANIFEST).is_file():
         what = "is a symlink" if root.is_symlink() else f"has no {MANIFEST}"
         raise ArtifactError(f"{root}: {what}; this is not an sgdgen artifact (write one with "
@@ -396,10 +413,6 @@ def read(path: str | os.PathLike[str], *, mesh: Mesh | Any = None,
         if _sha256(blobs[name]) != digest:
             raise ArtifactError(f"{root}: {name} does not match its sha256 in the manifest (corrupt or edited); "
                                 "rewrite the artifact")
-    for name, entry in manifest.executables.items():
-        if entry.fingerprint is not None and fingerprint(blobs["step.mlir"], entry.compile_options or {}) \
-                != entry.fingerprint:
-            raise _not_bound(root, entry.file)
     try:
         stored_mesh = Mesh.from_json(manifest.mesh)
         config = SGDConfig.from_config(manifest.config)
@@ -407,6 +420,14 @@ def read(path: str | os.PathLike[str], *, mesh: Mesh | Any = None,
                       for k, v in enumerate(manifest.variables))
     except (KeyError, TypeError, ValueError) as e:
         raise ArtifactError(f"{root}: manifest field is invalid: {e}; rewrite the artifact") from e
+    if manifest.binding is not None:  # format 2 on
+        bound = binding(blobs["step.mlir"], manifest)
+        if bound != manifest.binding:
+            raise ArtifactError(f"{root}: step.mlir and the manifest's config, mesh, variables or ABI are not the ones "
+                                "the artifact was written with (one was edited); rewrite the artifact")
+        for entry in manifest.executables.values():
+            if fingerprint(bound, entry.compile_options or {}) != entry.fingerprint:
+                raise _not_bound(root, entry.file)
     program = StepProgram(config, specs, stored_mesh)
     # The artifact's module is step.mlir (hashed above), not what today's generator would emit:
     # seed the program's cached lowered text with it, so nothing regenerates it.

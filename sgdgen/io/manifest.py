@@ -115,13 +115,17 @@ class Manifest:
     abi: dict[str, Any]
     executables: dict[str, ExecutableEntry] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
+    #: sha256 binding step.mlir to config, mesh, variables and ABI (sgdgen.io.artifact.binding);
+    #: None in format 1.
+    binding: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"format_version": self.format_version,
                 "calling_convention_version": self.calling_convention_version,
                 "sgdgen_version": self.sgdgen_version, "stablehlo_target_version": self.stablehlo_target_version,
                 "config": self.config, "mesh": self.mesh, "variables": self.variables, "abi": self.abi,
-                "executables": {k: e.to_json() for k, e in self.executables.items()}, "files": self.files}
+                "binding": self.binding, "executables": {k: e.to_json() for k, e in self.executables.items()},
+                "files": self.files}
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), indent=2) + "\n"
@@ -160,4 +164,5 @@ class Manifest:
                    stablehlo_target_version=_typed(data, "stablehlo_target_version", str, where),
                    config=_typed(data, "config", dict, where), mesh=_typed(data, "mesh", dict, where),
                    variables=_typed(data, "variables", list, where), abi=abi, executables=executables,
-                   files=_str_map(data, "files", where, digest))
+                   files=_str_map(data, "files", where, digest),
+                   binding=digest(_typed(data, "binding", str, where), "binding") if fmt >= 2 else None)
