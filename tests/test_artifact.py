@@ -8,6 +8,7 @@ temporary directory, so nothing depends on (or writes to) ~/.cache.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -1018,3 +1019,24 @@ def test_replace_without_rename_exchange(tmp_path: Path, monkeypatch: pytest.Mon
     artifact.write(new_prog, target)
     assert [p.name for p in tmp_path.iterdir()] == ["step"]
     assert artifact.read(target).manifest.config["momentum"] == 0.5
+
+
+def test_replace_without_rename_exchange_failing_restores_the_old(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fallback's second rename fails: the old artifact goes back to the path."""
+    old_prog, new_prog = _old_and_new(tmp_path)
+    target = artifact.write(old_prog, tmp_path / "step")
+    before = _snapshot(target)
+    monkeypatch.setattr(artifact, "_exchange", lambda a, b: False)
+    real = os.rename
+
+    def failing(src: Any, dst: Any) -> None:
+        if Path(src).name.startswith(".step.incomplete-"):
+            raise OSError(errno.EIO, "I/O error")
+        real(src, dst)
+
+    monkeypatch.setattr(artifact.os, "rename", failing)
+    with pytest.raises(OSError, match="I/O error"):
+        artifact.write(new_prog, target)
+    monkeypatch.undo()
+    assert _snapshot(target) == before and [p.name for p in tmp_path.iterdir()] == ["step"]

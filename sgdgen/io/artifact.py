@@ -53,8 +53,8 @@ from sgdgen.io.manifest import (CALLING_CONVENTION_VERSION, FORMAT_VERSION, MIN_
 from sgdgen.runtime.executable import StepExecutable, slot_dtype
 from sgdgen.runtime.program import StepProgram
 
-__all__ = ["Artifact", "ArtifactError", "FORMAT_VERSION", "MIN_FORMAT_VERSION", "MANIFEST", "read", "summary",
-           "write", "check_fresh"]
+__all__ = ["Artifact", "ArtifactError", "FORMAT_VERSION", "MIN_FORMAT_VERSION", "MANIFEST", "Manifest", "binding",
+           "check_fresh", "fingerprint", "read", "summary", "write"]
 
 MANIFEST = "manifest.json"
 #: the names `write` gives its temporary directories beside the target
@@ -133,8 +133,7 @@ def _random_inputs(step: StepExecutable, seed: int) -> list[Any]:
     return out
 
 
-def _verified_executable(program: StepProgram, devices: list[Any], entry_options: dict[str, Any],
-                         name: str) -> bytes:
+def _verified_executable(program: StepProgram, devices: list[Any], platform: dict[str, str], name: str) -> bytes:
     """A fresh compile of the module (named `name`), serialized, with the bytes checked: they
     deserialize to an executable that gives the fresh one's results, bit for bit."""
     fresh = StepExecutable.wrap(backend.compile_text(_named(program.lowered_text, name), devices),
@@ -146,7 +145,7 @@ def _verified_executable(program: StepProgram, devices: list[Any], entry_options
     for slot, a, b in zip(program.abi.outputs, want, got):
         if np.asarray(a).tobytes() != np.asarray(b).tobytes():
             raise ArtifactError(f"the serialized executable does not reproduce the compiled step ({slot.name!r} "
-                                f"differs; jaxlib {entry_options.get('jaxlib')}); write the artifact with "
+                                f"differs; jaxlib {platform['jaxlib']}); write the artifact with "
                                 "executable=False (the step is then compiled from step.mlirbc at load)")
     return blob
 
@@ -224,7 +223,11 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
     else:
         aside = tmp.with_name(tmp.name.replace(".incomplete-", ".replaced-"))
         os.rename(out, aside)
-        os.rename(tmp, out)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            os.rename(aside, out)  # the old artifact back at the path
+            raise
         shutil.rmtree(aside)
     _fsync_dir(out.parent)
 
