@@ -1040,3 +1040,14 @@ def test_replace_without_rename_exchange_failing_restores_the_old(tmp_path: Path
         artifact.write(new_prog, target)
     monkeypatch.undo()
     assert _snapshot(target) == before and [p.name for p in tmp_path.iterdir()] == ["step"]
+
+
+def test_refuses_an_executable_that_does_not_deserialize(art_copy: Path) -> None:
+    """A damaged executable with its hash updated (and its name intact): JAX's parse error
+    becomes an ArtifactError that names the file; nothing ran."""
+    exe = executable_file(art_copy)
+    data = bytearray(exe.read_bytes())
+    data[len(data) // 100] ^= 0xFF  # in the header, before the HLO module
+    _swap_executable(art_copy, bytes(data))
+    with pytest.raises(ArtifactError, match=r"executable-cpu\.bin does not deserialize.*not run"):
+        artifact.read(art_copy).executable()

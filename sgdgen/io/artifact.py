@@ -335,8 +335,14 @@ class Artifact:
             blob = self.blobs[entry.file]
             if name.encode() not in blob:  # cheap pre-check: refuse a foreign binary before deserializing it
                 raise _not_bound(self.path, entry.file)
-            step = StepExecutable.wrap(backend.deserialize_executable(blob, devices), self.program.abi,
-                                       self.program.mesh)
+            import jax
+
+            try:
+                exe = backend.deserialize_executable(blob, devices)
+            except jax.errors.JaxRuntimeError as e:
+                raise ArtifactError(f"{self.path}: {entry.file} does not deserialize ({e}); it was not run: rewrite "
+                                    "the artifact, or delete the executable to compile from step.mlirbc") from e
+            step = StepExecutable.wrap(exe, self.program.abi, self.program.mesh)
             _check_signature(self.path / entry.file, step, name)
             return step
         warnings.warn(f"artifact {self.path}: {why}; rebuilding the step from step.mlirbc "
