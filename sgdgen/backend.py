@@ -197,3 +197,55 @@ def platform_fingerprint() -> dict[str, str]:
     backend = xla_bridge.get_backend()
     return {"platform": backend.platform, "platform_version": str(backend.platform_version),
             "jaxlib": jaxlib.__version__, "jax": jax.__version__}
+
+
+# ---- artifacts: compile options, serialized executables, what an executable was built for ----
+# Used by sgdgen.io.artifact to bind a stored executable to its module and to check a
+# deserialized one against the step's calling convention before it runs.
+
+def compile_options_summary(devices: Sequence[Any]) -> dict[str, Any]:
+    """The parts of `compile_options(devices)` that decide the compiled code, as plain JSON
+    values (part of an artifact's executable fingerprint)."""
+    opts = compile_options(devices)
+    build = opts.executable_build_options
+    return {"num_replicas": int(opts.num_replicas), "num_partitions": int(opts.num_partitions),
+            "use_spmd_partitioning": bool(build.use_spmd_partitioning),
+            "device_ids": [int(d.id) for d in devices],
+            "env_option_overrides": [[str(k), str(v)] for k, v in opts.env_option_overrides]}
+
+
+def executable_module_name(executable: Any) -> str:
+    """The name of the (first) HLO module a loaded executable was compiled from."""
+    return str(executable.hlo_modules()[0].name)
+
+
+def executable_signature(executable: Any) -> tuple[list[tuple[tuple[int, ...], np.dtype, Any]],
+                                                   list[tuple[tuple[int, ...], np.dtype, Any]]]:
+    """(parameters, results) of a compiled SPMD executable, each a list of
+    (per-device shape, dtype, HloSharding), read from the executable itself: its entry
+    computation's program shape and `get_parameter_shardings` / `get_output_shardings`."""
+    from jaxlib import _hlo
+
+    module = executable.hlo_modules()[0]
+    shape = _hlo.XlaComputation(module.as_serialized_hlo_module_proto()).program_shape()
+    result = shape.result_shape()
+    results = list(result.tuple_shapes()) if result.is_tuple() else [result]
+    param_sh = executable.get_parameter_shardings() or [None] * len(shape.parameter_shapes())
+    out_sh = executable.get_output_shardings() or [None] * len(results)
+
+    def rows(shapes: Sequence[Any], shardings: Sequence[Any]) -> list[tuple[tuple[int, ...], np.dtype, Any]]:
+        return [(tuple(int(d) for d in s.dimensions()), np.dtype(s.numpy_dtype()),
+                 None if op is None else _hlo.HloSharding.from_proto(op)) for s, op in zip(shapes, shardings)]
+
+    return rows(shape.parameter_shapes(), param_sh), rows(results, out_sh)
+
+
+def sharding_matches(hlo_sharding: Any, sharding: Any, ndim: int) -> bool:
+    """Whether an executable's HloSharding (from `executable_signature`) places an
+    `ndim`-dimensional array as the jax `sharding` does. A one-device executable reports no
+    shardings (None): that matches a sharding on one device only."""
+    from jax._src import op_shardings
+
+    if hlo_sharding is None:
+        return len(sharding.device_set) == 1
+    return bool(op_shardings.are_hlo_shardings_equal(hlo_sharding, sharding._to_xla_hlo_sharding(ndim)))

@@ -21,6 +21,7 @@ from jaxlib.mlir.dialects import stablehlo
 import sgdgen
 from sgdgen.codegen.ir import parse_module
 from sgdgen.codegen.pipeline import DEFAULT_PIPELINE
+from sgdgen.io.manifest import CALLING_CONVENTION_VERSION, FORMAT_VERSION
 
 BIN = Path(sys.executable).parent
 MESH = "batch=2,model=4"
@@ -275,10 +276,14 @@ def test_inspect_json(compiled: Path, env: dict[str, str]) -> None:
     assert info["all_reduce"] == 1 and info["manual_computation"] == 1
     assert info["aliased_buffers"] == 1 + 3 * 3
     assert info["mesh"] == MESH
-    assert info["schema_version"] == 1 and info["sgdgen_version"] == sgdgen.__version__
+    assert info["format_version"] == FORMAT_VERSION and info["sgdgen_version"] == sgdgen.__version__
+    assert info["calling_convention_version"] == CALLING_CONVENTION_VERSION
     assert info["stablehlo_target_version"] == stablehlo.get_current_version()
     assert info["executables"]["cpu"]["jaxlib"] == jaxlib.__version__
     assert info["config"]["momentum"] == 0.9
+    # the variables table the text form shows (issue 8), layouts filled in
+    assert info["variable_table"] == [{"layout": ["unsharded"] * len(v["shape"]), "decay": True, **v} for v in VARS]
+    assert "fresh" not in info  # only with --check-fresh
 
 
 def test_inspect_table(compiled: Path, env: dict[str, str]) -> None:
@@ -293,6 +298,8 @@ def test_inspect_table(compiled: Path, env: dict[str, str]) -> None:
         assert m, (key, out)
         return m.group(1)
 
+    assert row("format_version") == str(FORMAT_VERSION)
+    assert row("calling_convention_version") == str(CALLING_CONVENTION_VERSION)
     assert row("state_bytes") == "2120"
     assert row("all_reduce") == "1"
     assert row("variables") == "3"
@@ -337,6 +344,49 @@ def test_inspect_refuses_a_damaged_artifact(compiled: Path, tmp_path: Path, env:
     no_traceback(r)
 
 
+def test_inspect_check_fresh(compiled: Path, env: dict[str, str]) -> None:
+    r = run(["inspect", str(compiled), "--json", "--check-fresh"], env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["fresh"] is True
+    r = run(["inspect", str(compiled), "--check-fresh"], {**env, "COLUMNS": "200"})
+    assert r.returncode == 0 and "today's sgdgen emits the same step.mlir" in r.stdout
+
+
+def test_inspect_check_fresh_reports_a_difference_and_still_loads(env: dict[str, str]) -> None:
+    """An artifact whose step.mlir today's generator would write differently (the format-1 test
+    artifact, its module text altered and rehashed as an older generator might have left it)."""
+    import hashlib
+    import shutil
+    import tempfile
+
+    src = Path(__file__).parent / "data" / "format1-c68b516"
+    with tempfile.TemporaryDirectory() as d:
+        art = Path(d) / "old"
+        shutil.copytree(src, art)
+        mlir = art / "step.mlir"
+        mlir.write_text(mlir.read_text().replace('sgdgen.version = "0.1.0"', 'sgdgen.version = "0.0.9"', 1))
+        m = json.loads((art / "manifest.json").read_text())
+        m["files"]["step.mlir"] = hashlib.sha256(mlir.read_bytes()).hexdigest()
+        (art / "manifest.json").write_text(json.dumps(m))
+        r = run(["inspect", str(art), "--json", "--check-fresh"], env)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["fresh"] is False and info["format_version"] == 1
+    assert '-module @sgd_step attributes {mhlo.num_partitions = 8 : i32, mhlo.num_replicas = 1 : i32, ' \
+           'sgdgen.version = "0.0.9"}' in info["fresh_diff"]
+
+
+def test_compile_twice_replaces_the_artifact(inputs: dict[str, str], env: dict[str, str], tmp_path: Path) -> None:
+    """Twice to one directory (the second with a warm persistent cache): the path holds one
+    complete artifact, nothing is left beside it, and it verifies."""
+    out = tmp_path / "art"
+    for _ in range(2):
+        r = run(["compile", *step_args(inputs), "-o", str(out)], env)
+        assert r.returncode == 0, r.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["art"]
+    assert run(["inspect", str(out)], env).returncode == 0
+
+
 def test_compile_one_device_message(inputs: dict[str, str], env: dict[str, str], tmp_path: Path) -> None:
     (tmp_path / "v.json").write_text(json.dumps([{"name": "w", "shape": [4], "dtype": "float32"}]))
     r = run(["compile", "--config", inputs["config"], "--vars", str(tmp_path / "v.json"), "-o",
@@ -345,7 +395,8 @@ def test_compile_one_device_message(inputs: dict[str, str], env: dict[str, str],
     assert "(one device)" in r.stdout, r.stdout
 
 
-@pytest.mark.parametrize("case", ["mesh-too-large", "output-is-a-file"])
+@pytest.mark.parametrize("case", ["mesh-too-large", "output-is-a-file", "output-is-a-symlink",
+                                  "output-is-not-an-artifact"])
 def test_compile_errors_are_not_tracebacks(case: str, inputs: dict[str, str], env: dict[str, str],
                                            tmp_path: Path) -> None:
     (tmp_path / "v.json").write_text(json.dumps([{"name": "w", "shape": [16], "dtype": "float32"}]))
@@ -353,9 +404,18 @@ def test_compile_errors_are_not_tracebacks(case: str, inputs: dict[str, str], en
     mesh = "x=16" if case == "mesh-too-large" else "x=2"
     if case == "output-is-a-file":
         out.write_text("")
+    elif case == "output-is-a-symlink":
+        (tmp_path / "elsewhere").mkdir()
+        out.symlink_to(tmp_path / "elsewhere")
+    elif case == "output-is-not-an-artifact":
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
     r = run(["compile", "--config", inputs["config"], "--mesh", mesh, "--vars", str(tmp_path / "v.json"),
              "-o", str(out)], env)
     assert r.returncode == 2 and r.stderr.startswith("sgdgen compile: error: ")
+    expected = {"output-is-a-file": "not a directory", "output-is-a-symlink": "is a symlink",
+                "output-is-not-an-artifact": "not an sgdgen artifact", "mesh-too-large": "devices"}[case]
+    assert expected in r.stderr, r.stderr
     no_traceback(r)
 
 

@@ -586,11 +586,11 @@ class SGD:
         from sgdgen.runtime.program import register_executable
 
         variables = list(variables)
-        art = artifact.read(path)
-        opt = cls.from_config(art.manifest["config"], mesh=mesh if mesh is not None else art.program.mesh)
+        art = artifact.read(path)  # read and verified once
+        opt = cls.from_config(art.manifest.config, mesh=mesh if mesh is not None else art.program.mesh)
         decay = [v.decay for v in art.program.variables]
         given = list(opt._program(variables, opt._config, decay).variables)
-        artifact.read(path, mesh=opt.mesh, variables=given)
+        art.check(mesh=opt.mesh, variables=given)
         register_executable(art.program, art.executable())
         opt.exclude_from_weight_decay(var_list=[v for v, d in zip(variables, decay) if not d])
         opt.build(variables)

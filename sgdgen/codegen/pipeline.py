@@ -11,16 +11,13 @@ from __future__ import annotations
 
 from jaxlib.mlir import ir, passmanager
 
+from sgdgen.errors import PipelineError
 from sgdgen.codegen.ir import make_context
 
 #: stage 0 -> stage 1: fuse, partition, update in place, then tidy up.
 DEFAULT_PIPELINE = (
     "builtin.module(sgd-fuse-step,sgd-insert-collectives,sgd-alias-buffers,canonicalize,cse,symbol-dce)"
 )
-
-
-class PipelineError(ValueError):
-    """A pipeline string that does not parse, with MLIR's message."""
 
 
 def split_elements(text: str) -> list[str]:

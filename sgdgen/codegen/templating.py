@@ -16,12 +16,9 @@ from typing import Any
 
 import jinja2
 
+from sgdgen.errors import GenerateError
 from sgdgen.codegen import constants
 from sgdgen.passes import attrs
-
-
-class GenerateError(ValueError):
-    """A config and variable list that cannot be turned into a step, with the fix."""
 
 
 def hex_literal(value: float, dtype: str, *, via_float32: bool = False) -> str:

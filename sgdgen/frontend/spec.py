@@ -19,6 +19,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from sgdgen.errors import SpecError
+
 UNSHARDED = "unsharded"
 
 #: dtypes a variable may have, by canonical name, with the MLIR element type.
@@ -30,10 +32,6 @@ MLIR_ELEMENT_TYPES: dict[str, str] = {
 }
 
 _AXIS_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-class SpecError(ValueError):
-    """A mesh, layout or variable description that cannot be used, with the fix."""
 
 
 def canonical_dtype(dtype: Any, *, what: str = "variable") -> str:

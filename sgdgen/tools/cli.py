@@ -134,10 +134,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
     program = _load_program(args)
     _ensure_devices(program.mesh.size)
     out = Path(args.output)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"-o {out}: exists and is not a directory; give a new or an artifact directory")
     try:
         artifact.write(program, out)
+    except artifact.ArtifactError as e:  # a target it must not replace (a file, a symlink, not an artifact)
+        raise UsageError(f"-o {out}: {e}") from e
     except RuntimeError as e:  # e.g. the mesh needs more devices than this process has
         raise UsageError(str(e)) from e
     except OSError as e:
@@ -155,6 +155,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"sgdgen inspect: {e}", file=sys.stderr)
         return 1
     info = artifact.summary(art)
+    if args.check_fresh:
+        diff = artifact.check_fresh(art)
+        info["fresh"] = diff is None
+        if diff is not None:
+            info["fresh_diff"] = diff
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -162,18 +167,24 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table(title=f"sgdgen artifact {info['path']}", show_header=False)
-    for key in ("schema_version", "sgdgen_version", "stablehlo_target_version", "mesh", "variables", "parameters",
-                "state_bytes", "all_reduce", "manual_computation", "aliased_buffers"):
+    for key in ("format_version", "calling_convention_version", "sgdgen_version", "stablehlo_target_version", "mesh",
+                "variables", "parameters", "state_bytes", "all_reduce", "manual_computation", "aliased_buffers"):
         table.add_row(key, str(info[key]))
     for platform, fp in info["executables"].items():
         table.add_row(f"executable ({platform})", f"jaxlib {fp['jaxlib']}, {fp['platform_version']}")
-    Console().print(table)
+    if args.check_fresh:
+        table.add_row("fresh", "yes: today's sgdgen emits the same step.mlir" if info["fresh"]
+                      else "no: today's sgdgen emits another step.mlir (the artifact still loads; diff below)")
+    console = Console()
+    console.print(table)
     vt = Table(title="variables")
     for col in ("name", "shape", "dtype", "layout", "decay"):
         vt.add_column(col)
-    for v in art.program.variables:
-        vt.add_row(v.name, str(list(v.shape)), v.dtype, str(v.layout.sharding_specs), str(v.decay))
-    Console().print(vt)
+    for v in info["variable_table"]:
+        vt.add_row(v["name"], str(v["shape"]), v["dtype"], str(v["layout"]), str(v["decay"]))
+    console.print(vt)
+    if info.get("fresh_diff"):
+        console.print(info["fresh_diff"], markup=False, highlight=False)
     return 0
 
 
@@ -247,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="verify an artifact and summarise it (exit 1 if it does not verify)")
     p.add_argument("artifact", help="artifact directory")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--check-fresh", action="store_true",
+                   help="also report whether today's sgdgen generates the same step.mlir (a report; loading "
+                        "never regenerates)")
     p.set_defaults(func=cmd_inspect)
     p = sub.add_parser("demo", help="train a small MLP on 8 simulated CPU devices and check against the reference")
     p.add_argument("--epochs", type=int, default=8)
