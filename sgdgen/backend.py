@@ -112,6 +112,28 @@ def device_put(value: Any, sharding: Any) -> Any:
         return jax.device_put(value, sharding)
 
 
+def buffer_pointers(array: Any) -> tuple[int, ...]:
+    """The device-memory address of each addressable shard of a jax.Array, in device order.
+
+    Two arrays whose shards have one address share a buffer (an array rebuilt from another's
+    shards, or a zero-copy transfer of a NumPy view of one); donating one of them to a step
+    while the other is read ends the process on several devices (issue 16.4). `_arrays`
+    (the shards' single-device arrays, without `addressable_shards`' Shard objects) is a
+    third of the cost; the public path is the fallback."""
+    shards = getattr(array, "_arrays", None)
+    if shards is None:
+        shards = [s.data for s in array.addressable_shards]
+    return tuple(s.unsafe_buffer_pointer() for s in shards)
+
+
+def copy_array(array: Any) -> Any:
+    """A copy of a jax.Array in new buffers, with the same sharding (`may_alias=False`)."""
+    import jax
+
+    with jax.enable_x64(True):
+        return jax.device_put(array, array.sharding, may_alias=False)
+
+
 def input_output_aliases(executable: Any) -> dict[int, int]:
     """{result index: argument index} from the compiled HLO's input_output_alias table.
 

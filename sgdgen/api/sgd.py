@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -26,12 +27,12 @@ import numpy as np
 from sgdgen import backend
 from sgdgen.api.variable import Variable, substituted
 from sgdgen.codegen.abi import StepState, slot_name
-from sgdgen.errors import UnknownVariableError
+from sgdgen.errors import StepInputError, StepTypeError, UnknownVariableError
 from sgdgen.frontend import schedules
 from sgdgen.frontend.config import SGDConfig
 from sgdgen.frontend.schedules import LearningRateSchedule
 from sgdgen.frontend.spec import Layout, Mesh, SpecError, VarSpec, canonical_dtype, numpy_dtype
-from sgdgen.runtime.core import Step
+from sgdgen.runtime.core import Step, uninterruptible
 from sgdgen.runtime.executable import ShardingMatcher
 from sgdgen.runtime.program import StepProgram
 
@@ -129,6 +130,7 @@ class SGD:
         self._exclude_names: list[str] = []
         self._steps: dict[tuple[Any, ...], Step] = {}  # per (variable set, config signature): no per-step rebuild
         self._equivalent = ShardingMatcher()
+        self._lock = threading.RLock()  # one step (or state change) at a time per optimizer (issue 16.6)
 
     # ---- configuration -----------------------------------------------------------------
     @property
@@ -318,29 +320,35 @@ class SGD:
         return mesh
 
     def set_weights(self, weights: Sequence[Any]) -> None:
-        """Sets `variables` (same order) from arrays; checks every shape first."""
-        if not self._built:
-            raise ValueError(_NOT_BUILT)
-        current = self.variables
-        if len(weights) != len(current):
-            raise ValueError(f"set_weights expects {len(current)} arrays (the order of `variables`: "
-                             f"{[v.name for v in current]}), got {len(weights)}")
-        for v, w in zip(current, weights):
-            if tuple(np.shape(w)) != v.shape:
-                raise ValueError(f"set_weights: {v.name} has shape {list(v.shape)}, got {list(np.shape(w))}")
-        for v, w in zip(current, weights):
-            v.assign(np.asarray(w))
+        """Sets `variables` (same order) from arrays. Every array is checked and converted
+        first (shape, a dtype that casts to the variable's, a finite integer for `iterations`),
+        then all are written: a call that raises changes nothing."""
+        with self._lock:
+            if not self._built:
+                raise ValueError(_NOT_BUILT)
+            current = self.variables
+            if len(weights) != len(current):
+                raise ValueError(f"set_weights expects {len(current)} arrays (the order of `variables`: "
+                                 f"{[v.name for v in current]}), got {len(weights)}")
+            hosts = [_weight_value(v, w, counter=v is self._iterations) for v, w in zip(current, weights)]
+            placed = [v._place(h, v.dtype) for v, h in zip(current, hosts)]  # transfers before any write
+            for v, arr in zip(current, placed):
+                v._bind(arr)
 
     def get_weights(self) -> list[np.ndarray]:
         return [v.numpy() for v in self.variables]
 
     def finalize_variable_values(self, var_list: Sequence[Variable]) -> None:
-        """With use_ema, copies each variable's moving average into it (`model.fit` does this at the end)."""
+        """With use_ema, copies each variable's moving average into it (`model.fit` does this at the end).
+        Every variable is looked up first: an unknown one raises before any is changed."""
         if not self._config.use_ema:
             return
-        for v in var_list:
-            k = self._slot_index(v)
-            v.assign(self._averages[k].value)
+        with self._lock:
+            var_list = list(var_list)
+            averages = [self._averages[self._slot_index(v)] for v in var_list]
+            placed = [v._place(np.array(a.value), v.dtype) for v, a in zip(var_list, averages)]
+            for v, arr in zip(var_list, placed):
+                v._bind(arr)
 
     def _slot_index(self, v: Variable) -> int:
         k = self._index.get(getattr(v, "_unique_id", None))
@@ -359,7 +367,11 @@ class SGD:
         A `None` gradient skips its variable entirely (no decay, update or EMA), with a
         warning; all-None raises. Returns `iterations`.
         """
-        pairs = list(grads_and_vars)
+        with self._lock:
+            return self._apply_gradients(list(grads_and_vars), name)
+
+    def _apply_gradients(self, pairs: list[tuple[Any, Variable]], name: str | None) -> Variable:
+        _refuse_tracers(pairs)
         if not pairs:
             return self._iterations
         grads = [g for g, _ in pairs]
@@ -489,19 +501,22 @@ class SGD:
              decay: Sequence[bool], lr: np.float32 | None, *, iterations: Variable | None = None) -> None:
         """One step of the functional core over these variables' arrays (`lr`: `_lr_value`);
         the results are bound back to the variables and slots only after the step has run."""
-        step = self._step(variables, config, decay)
-        it = iterations if iterations is not None else self._iterations
-        idx = [self._slot_index(v) for v in variables]
-        momenta = [self._momenta[k] for k in idx]
-        averages = [self._averages[k] for k in idx] if config.use_ema else []
-        narrow = it.dtype != np.int64  # an int32 counter: the program reads int64 (see `iterations`)
-        counter = self._counter(it.value, np.int64, it) if narrow else it.value
-        state = StepState(counter, tuple(m.value for m in momenta), tuple(a.value for a in averages))
-        params, new = step.apply(state, [v.value for v in variables], grads, lr)
-        counter = self._counter(new.iterations, it.dtype, it) if narrow else new.iterations
-        for owner, value in zip([it, *variables, *momenta, *averages],
-                                [counter, *params, *new.momenta, *new.averages]):
-            owner._bind(value)
+        with self._lock:
+            step = self._step(variables, config, decay)
+            it = iterations if iterations is not None else self._iterations
+            idx = [self._slot_index(v) for v in variables]
+            momenta = [self._momenta[k] for k in idx]
+            averages = [self._averages[k] for k in idx] if config.use_ema else []
+            narrow = it.dtype != np.int64  # an int32 counter: the program reads int64 (see `iterations`)
+            counter = self._counter(it.value, np.int64, it) if narrow else it.value
+            state = StepState(counter, tuple(m.value for m in momenta), tuple(a.value for a in averages))
+            # The inputs are donated by the step: from execute to the last bind, Ctrl-C waits (16.5).
+            with uninterruptible():
+                params, new = step.apply(state, [v.value for v in variables], grads, lr)
+                counter = self._counter(new.iterations, it.dtype, it) if narrow else new.iterations
+                for owner, value in zip([it, *variables, *momenta, *averages],
+                                        [counter, *params, *new.momenta, *new.averages]):
+                    owner._bind(value)
 
     @staticmethod
     def _counter(value: Any, dtype: Any, like: Variable) -> Any:
@@ -560,7 +575,8 @@ class SGD:
 
     def minimize(self, loss: Callable[[], Any], var_list: Any, tape: Any = None) -> None:
         """compute_gradients + apply_gradients. Returns None, as the seed documents."""
-        self.apply_gradients(self.compute_gradients(loss, var_list, tape))
+        with self._lock:  # the loss reads the variables a concurrent step would donate
+            self.apply_gradients(self.compute_gradients(loss, var_list, tape))
 
     # ---- artifacts ---------------------------------------------------------------------
     def save_artifact(self, path: Any) -> Any:
@@ -595,3 +611,37 @@ class SGD:
         opt.exclude_from_weight_decay(var_list=[v for v, d in zip(variables, decay) if not d])
         opt.build(variables)
         return opt
+
+
+def _refuse_tracers(pairs: Sequence[tuple[Any, Any]]) -> None:
+    """Refuses JAX tracers (apply_gradients called inside jax.jit, jax.grad, vmap...): the stateful
+    API donates and rebinds concrete buffers, which a trace cannot do (issue 16.12)."""
+    import jax
+
+    for g, v in pairs:
+        for what, x in (("the gradient", g), ("the value", getattr(v, "value", None))):
+            if isinstance(x, jax.core.Tracer):
+                raise StepTypeError(
+                    f"apply_gradients got a JAX tracer as {what} of variable {getattr(v, 'name', v)!r}: it is being "
+                    "called inside jax.jit, jax.grad or another JAX transformation. The stateful optimizer API "
+                    "runs outside jit, on concrete arrays; inside jit use the functional step sgdgen.jax_step")
+
+
+def _weight_value(v: Variable, w: Any, *, counter: bool) -> np.ndarray:
+    """`w` as a host array of `v`'s shape and dtype, or an error naming `v` (set_weights checks all first)."""
+    try:
+        arr = np.asarray(w)
+    except (TypeError, ValueError) as e:
+        raise StepTypeError(f"set_weights: the value for {v.name} is not an array ({e}); pass a numeric array") from e
+    if tuple(arr.shape) != v.shape:
+        raise StepInputError(f"set_weights: {v.name} has shape {list(v.shape)}, got {list(arr.shape)}")
+    if counter:
+        if arr.dtype.kind not in "iuf" or not np.all(np.isfinite(arr)) or np.any(arr != np.trunc(arr)) or not (
+                -2.0 ** 63 <= float(arr) < 2.0 ** 63):
+            raise StepInputError(f"set_weights: {v.name} counts steps and needs a finite integer within int64, "
+                                 f"got {arr.tolist()!r} ({arr.dtype}); pass e.g. np.int64(10)")
+        return np.array(int(arr), np.int64) if arr.dtype.kind == "f" else np.array(arr, np.int64)
+    if arr.dtype.kind != "b" and not np.can_cast(arr.dtype, v.dtype, casting="same_kind"):
+        raise StepTypeError(f"set_weights: the value for {v.name} has dtype {arr.dtype}, which does not convert to "
+                            f"{v.dtype}; pass a numeric array")
+    return np.array(arr, v.dtype, copy=True)

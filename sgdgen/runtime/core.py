@@ -15,7 +15,10 @@ leaves `grads` and `lr` alone.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,6 +28,35 @@ from sgdgen.codegen.abi import StepABI, StepState
 from sgdgen.runtime.cache import ExecutableCache, default_cache
 from sgdgen.runtime.executable import StepExecutable, slot_dtype
 from sgdgen.runtime.program import StepProgram
+
+
+_deferring = threading.local()
+
+
+@contextlib.contextmanager
+def uninterruptible() -> Iterator[None]:
+    """Defers SIGINT (Ctrl-C) until the block is done, then delivers it to the handler that was
+    installed before (Python's default raises KeyboardInterrupt there).
+
+    A step consumes its donated inputs; a KeyboardInterrupt between the execute call and
+    the binding of its results would lose every state array (issue 16.5). `SGD._run` runs
+    execute-and-rebind inside this block; a caller of `Step.apply` that keeps the results
+    itself can do the same. Only the main thread receives signals, so elsewhere (and when
+    nested, or when the handler was not installed from Python) this is a no-op."""
+    if (threading.current_thread() is not threading.main_thread() or getattr(_deferring, "on", False)
+            or signal.getsignal(signal.SIGINT) is None):
+        yield
+        return
+    pending: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    _deferring.on = True
+    try:
+        yield
+    finally:
+        _deferring.on = False
+        signal.signal(signal.SIGINT, previous)
+        if pending:
+            signal.raise_signal(signal.SIGINT)  # runs `previous` now: KeyboardInterrupt by default
 
 
 class Step:
@@ -49,11 +81,13 @@ class Step:
         """A fresh state for `params`: zero momenta and EMA averages equal to the variables
         (tf_keras' slot initialisers), laid out as each variable; `iterations` as given."""
         abi = self.abi
-        placed = [backend.device_put(np.asarray(p, slot_dtype(s)), s.layout.named_sharding())
+        # Fresh host copies: a NumPy view of a jax.Array (np.asarray of a replicated one) is
+        # transferred zero-copy, and the state would share the buffer it donates.
+        placed = [backend.device_put(np.array(p, slot_dtype(s), copy=True), s.layout.named_sharding())
                   for p, s in zip(params, (abi.inputs[abi.index("variable", i)] for i in range(abi.num_variables)))]
         zeros = [backend.device_put(np.zeros(s.shape, slot_dtype(s)), s.layout.named_sharding())
                  for s in (abi.inputs[abi.index("momentum", i)] for i in range(abi.num_variables))]
-        averages = tuple(backend.device_put(np.asarray(p), p.sharding) for p in placed) if abi.use_ema else ()
+        averages = tuple(backend.device_put(np.array(p, copy=True), p.sharding) for p in placed) if abi.use_ema else ()
         it_slot = abi.inputs[abi.index("iterations")]
         iterations_arr = backend.device_put(np.asarray(iterations, np.int64), it_slot.layout.named_sharding())
         return StepState(iterations_arr, tuple(zeros), averages)
@@ -79,4 +113,4 @@ class Step:
         return self.abi.unpack(exe(args, check=check))
 
 
-__all__ = ["Step", "StepState"]
+__all__ = ["Step", "StepState", "uninterruptible"]

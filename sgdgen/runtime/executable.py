@@ -5,10 +5,18 @@ argument's global shape, dtype and `NamedSharding`, checks the arrays it is give
 against them before anything runs (a mismatch that reaches PJRT on several devices
 ends the process, RUNTIME-NOTES Q1), and wraps the results as jax.Arrays with the
 right shardings. State arguments are donated: their buffers become the results.
+
+No two arguments may share a device buffer with a donated one (issue 16.4: a gradient
+rebuilt from a variable's shards ended the process). The check compares the shards'
+buffer addresses; a result's addresses are its donated argument's (the step updates it
+in place, verified on the first call), so a state fed back from the previous step costs
+a dictionary lookup and only new arrays (the gradients) are asked for their addresses.
 """
 
 from __future__ import annotations
 
+import math
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,6 +73,13 @@ class StepExecutable:
         self.in_dtypes = [slot_dtype(s) for s in self.abi.inputs]
         donated = set(self.abi.donated)
         self.in_donated = [k in donated for k in range(len(self.abi.inputs))]
+        self.in_sizes = [math.prod(s.shape) for s in self.abi.inputs]
+        # id(array) -> (weakref to it, its shards' buffer addresses): the last call's results
+        # (which own their donated arguments' buffers) and its non-donated arguments. Replaced
+        # whole after each call (bounded by the argument count); an entry counts only while
+        # its weakref still names that very array.
+        self._known: dict[int, tuple[Any, tuple[int, ...]]] = {}
+        self._results_alias: bool | None = None  # results keep their arguments' buffers (checked once)
 
     @classmethod
     def compile(cls, text: str, abi: StepABI, mesh: Mesh, *, in_place: bool = True) -> StepExecutable:
@@ -107,8 +122,14 @@ class StepExecutable:
         arr = np.asarray(value, dtype=slot_dtype(slot))
         return backend.device_put(arr, self.sharding(slot))
 
-    def check(self, args: Sequence[Any]) -> None:
-        """Raises StepInputError naming the slot and the fix if any argument does not match."""
+    def check(self, args: Sequence[Any]) -> tuple[int, ...]:
+        """Raises StepInputError naming the slot and the fix if any argument does not match.
+
+        Returns the indices of non-donated arguments (gradients) that share a device buffer
+        with a donated one: the step runs on a copy of those (`__call__` makes it)."""
+        return self._check(args)[0]
+
+    def _check(self, args: Sequence[Any]) -> tuple[tuple[int, ...], list[tuple[int, ...]]]:
         if len(args) != len(self.abi.inputs):
             raise StepInputError(f"the step takes {len(self.abi.inputs)} arguments, got {len(args)}")
         seen: dict[int, str] = {}
@@ -129,17 +150,80 @@ class StepExecutable:
             if have is None or not equivalent(have, want, len(shape)):
                 raise StepInputError(f"{what}: laid out as {have}, but the step expects {want}; "
                                      "jax.device_put it with that sharding")
-            if id(a) in seen:
-                raise StepInputError(f"{what}: the same array is also passed as {seen[id(a)]}; "
-                                     "a donated state buffer cannot be passed twice: pass distinct arrays")
             if donated:  # a donated buffer must be unique among the arguments
+                if id(a) in seen:
+                    raise StepInputError(f"{what}: the same array is also passed as {seen[id(a)]}; a donated "
+                                         "state buffer cannot be passed twice: pass distinct arrays")
                 seen[id(a)] = what
+        pointers = self._pointers(args)
+        return self._shared(pointers), pointers
+
+    def _pointers(self, args: Sequence[Any]) -> list[tuple[int, ...]]:
+        """Each argument's shard buffer addresses (none for an empty array: it has no memory)."""
+        known = self._known
+        out: list[tuple[int, ...]] = []
+        for a, size in zip(args, self.in_sizes):
+            entry = known.get(id(a))
+            if entry is not None and entry[0]() is a:
+                out.append(entry[1])
+            else:
+                out.append(backend.buffer_pointers(a) if size else ())
+        return out
+
+    def _shared(self, pointers: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
+        """Refuses two donated arguments that share a buffer; returns the non-donated arguments that share one with a donated argument."""
+        inputs = self.abi.inputs
+        owner: dict[int, int] = {}  # buffer address -> the donated argument holding it
+        for k in self.abi.donated:
+            # One buffer on several devices of one array (a zero-copy transfer of one host array)
+            # is PJRT's to handle: it does not donate a buffer that is held twice.
+            for p in pointers[k]:
+                j = owner.setdefault(p, k)
+                if j != k:
+                    raise StepInputError(
+                        f"{inputs[k].role} {inputs[k].name!r} shares a device buffer with {inputs[j].role} "
+                        f"{inputs[j].name!r}; the step updates both in place, so they must be distinct buffers: "
+                        "pass a copy of one (jax.numpy.array(x, copy=True))")
+        return tuple(k for k, donated in enumerate(self.in_donated)
+                     if not donated and any(p in owner for p in pointers[k]))
 
     def __call__(self, args: Sequence[Any], *, check: bool = True) -> list[Any]:
-        """Runs one step; returns the new state in `abi.outputs` order."""
-        if check:
-            self.check(args)
-        return backend.execute(self.executable, args, self.out_shardings, self.out_avals)
+        """Runs one step; returns the new state in `abi.outputs` order.
+
+        With `check`, arguments are checked first (nothing runs on a mismatch), and a
+        gradient that shares a buffer with donated state is copied before the step."""
+        if not check:
+            return backend.execute(self.executable, args, self.out_shardings, self.out_avals)
+        args = list(args)
+        copies, pointers = self._check(args)
+        for k in copies:
+            args[k] = backend.copy_array(args[k])
+        results = backend.execute(self.executable, args, self.out_shardings, self.out_avals)
+        self._remember(args, results, pointers, set(copies))
+        return results
+
+    def _remember(self, args: Sequence[Any], results: Sequence[Any], pointers: Sequence[tuple[int, ...]],
+                  copied: set[int]) -> None:
+        """Keeps the buffer addresses of this call's results and kept arguments for the next check.
+
+        A result lives in its argument's buffer when that argument was donated, i.e. is now
+        deleted; PJRT keeps (and copies) a buffer that something else still holds, such as a
+        NumPy view from `np.asarray(x)` of a replicated array, so such a result is asked for
+        its own addresses. The first call checks the rule against every result."""
+        aliases, sizes = self.abi.aliases, self.in_sizes
+        if self._results_alias is None:
+            self._results_alias = all(backend.buffer_pointers(results[o]) == pointers[i]
+                                      for o, i in aliases.items() if sizes[i] and args[i].is_deleted())
+        known: dict[int, tuple[Any, tuple[int, ...]]] = {}
+        for o, i in aliases.items():
+            r = results[o]
+            inherited = self._results_alias and args[i].is_deleted()
+            known[id(r)] = (weakref.ref(r), pointers[i] if inherited else
+                            backend.buffer_pointers(r) if sizes[i] else ())
+        for k, donated in enumerate(self.in_donated):
+            if not donated and k not in copied:
+                known[id(args[k])] = (weakref.ref(args[k]), pointers[k])
+        self._known = known
 
     def hlo_text(self) -> str:
         return backend.hlo_text(self.executable)
