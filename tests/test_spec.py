@@ -54,7 +54,7 @@ def test_a_mesh_from_something_else_says_which_forms_work() -> None:
 
 def test_layout_checks_its_axes_at_construction() -> None:
     """As DTensor's Layout: an axis the mesh lacks fails when the Layout is made, not at the Variable."""
-    with pytest.raises(SpecError, match=r"layout \['unsharded', 'modle'\] names mesh axis 'modle' on dimension 1, "
+    with pytest.raises(SpecError, match=r"^layout names mesh axis 'modle' on dimension 1, "
                                         r"but the mesh has axes \['batch', 'model'\]; use one of those or 'unsharded'"):
         sgdgen.Layout(["unsharded", "modle"], "batch=2,model=4")
     with pytest.raises(SpecError, match="mesh axis 'x' on dimension 0"):
@@ -77,8 +77,8 @@ def test_bad_meshes_say_what_to_write(text: str, message: str) -> None:
 
 @pytest.mark.parametrize("specs, message", [
     (["unsharded"], "layout .* has rank 1 but the shape \\[8, 16\\] has rank 2"),
-    (["data", "unsharded"], "layout \\['data', 'unsharded'\\] names mesh axis 'data' on dimension 0, but the "
-                            "mesh has axes \\['batch', 'model'\\]; use one of those"),
+    (["data", "unsharded"], "layout names mesh axis 'data' on dimension 0, but the mesh has axes "
+                            "\\['batch', 'model'\\]; use one of those"),
     (["model", "model"], "mesh axis 'model' is used twice in layout"),
     (["unsharded", ("batch", "model")], None),
     (["batch", "model"], None),

@@ -241,7 +241,7 @@ class Layout:
             for a in axes:
                 if a not in mesh.shape:
                     raise SpecError(
-                        f"layout {list(specs)!r} names mesh axis {a!r} on dimension {i}, but the mesh has axes "
+                        f"layout names mesh axis {a!r} on dimension {i}, but the mesh has axes "
                         f"{list(mesh.axis_names)}; use one of those or '{UNSHARDED}'"
                     )
         object.__setattr__(self, "dims", tuple(dims))
