@@ -135,6 +135,13 @@ def memory_stats(executable: Any) -> dict[str, int]:
                                             "generated_code_size_in_bytes")}
 
 
+def reset_compilation_cache() -> None:
+    """Makes JAX re-read `jax_compilation_cache_dir` (it keeps the cache object it opened first)."""
+    from jax._src import compilation_cache
+
+    compilation_cache.reset_cache()
+
+
 def compile_cached(text: str, devices: Sequence[Any]) -> tuple[Any, bool]:
     """Compiles through JAX's persistent compilation cache; returns (executable, cache_hit).
 
