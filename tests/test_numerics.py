@@ -223,7 +223,7 @@ def test_mixed_layouts_on_eight_devices():
         assert_matches(result)
 
 
-# ---- the seed's usage examples (SEMANTICS §15), through the compiled step -------------------
+# ---- the seed's usage examples, through the compiled step ------------------------------------
 
 
 def _seed_run(config, steps):
@@ -282,7 +282,7 @@ def _cosine_term(schedule, step: int) -> tuple[float, float] | None:
 
 
 def _lr_tolerance(schedule, step: int, want: np.float32) -> float:
-    """1 ulp of the value (SEMANTICS §5: transcendentals differ by 1 ulp between libraries).
+    """1 ulp of the value (docs/numerics.md §5: transcendentals differ by 1 ulp between libraries).
 
     For the cosine kinds, also 1 ulp of cos(...) and 1 ulp of 1 + cos(...), times d lr / d cos:
     where 1 + cos cancels (cos near -1), a 1-ulp difference of cos is several ulp of the rate.

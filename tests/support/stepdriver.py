@@ -20,7 +20,7 @@ step it compares each state slot (variables, momenta, EMA averages) twice
 
 The "scale" of a slot is max|ref| of that slot so far (see SlotError).
 
-The compiled step always takes every gradient: None gradients (SEMANTICS §4.4) are not
+The compiled step always takes every gradient: None gradients (docs/numerics.md §2) are not
 supported here.
 """
 
