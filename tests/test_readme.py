@@ -71,3 +71,43 @@ def test_cli_table_names_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--pass-pipeline" in opt_flags
     missing += [f"sgdgen-opt {f}" for f in sorted(opt_flags) if f not in opt_row]
     assert not missing, f"README's command table omits {missing}"
+
+
+# ---- what CI says it tested ------------------------------------------------------------------
+
+
+def _requirements() -> list[str]:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return list(project["dependencies"]) + [r for group in project["optional-dependencies"].values() for r in group]
+
+
+def test_every_dependency_has_a_tested_upper_bound_and_this_environment_is_inside() -> None:
+    """A range without an upper bound resolves to releases nobody tested (issue 8: ml_dtypes 0.7)."""
+    import importlib.metadata as md
+
+    from packaging.requirements import Requirement
+
+    for text in _requirements():
+        req = Requirement(text)
+        assert any(s.operator in ("<", "<=", "==", "~=") for s in req.specifier), f"{text}: no upper bound"
+        assert req.specifier.contains(md.version(req.name)), f"{req.name} {md.version(req.name)} is outside {text}"
+
+
+def test_ci_prints_the_resolved_versions_and_the_cpu(capsys: pytest.CaptureFixture[str]) -> None:
+    """.ci/run's version/CPU report (the python heredoc) names every dependency with its version."""
+    import importlib.metadata as md
+
+    from packaging.requirements import Requirement
+
+    script = (ROOT / ".ci" / "run").read_text()
+    body = re.search(r"<<'PY'\n(.*?)\nPY\n", script, re.S)
+    assert body, ".ci/run lost its version report"
+    assert script.index("<<'PY'") < script.index('"$venv/bin/pytest"'), "the report must come before the tests"
+    exec(compile(body.group(1), ".ci/run", "exec"), {})
+    out = capsys.readouterr().out
+    for text in _requirements():
+        name = Requirement(text).name
+        assert f"{name}={md.version(name)}" in out, f"{name} missing from: {out}"
+    assert re.search(r"^cpu: .+ \| flags: ", out, re.M), out
