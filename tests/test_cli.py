@@ -433,5 +433,83 @@ def test_demo(env: dict[str, str]) -> None:
                   r"\(relative to the largest weight: ([0-9.eE+-]+)\)", out)
     assert m, out
     assert float(m.group(2)) <= 1e-5
-    assert "32 steps" in out and "FAILED" not in out
+    assert "32 steps" in out and "FAIL" not in out
+    assert r.stdout.rstrip().splitlines()[-1].startswith(
+        "PASS: compiled SGD vs sgdgen.reference over 32 steps on 8 devices (mesh batch=2,model=4)"), r.stdout
     no_traceback(r)
+
+
+def test_demo_uses_the_devices_it_finds(env: dict[str, str]) -> None:
+    """The issue's command: XLA_FLAGS asks for 4 devices, so the demo runs on a 2x2 mesh."""
+    r = run(["demo", "--epochs", "1", "--no-progress"],
+            {**env, "COLUMNS": "200", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+            tool="sgdgen-script", timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    last = r.stdout.rstrip().splitlines()[-1]
+    assert last.startswith("PASS: compiled SGD vs sgdgen.reference over 16 steps on 4 devices (mesh batch=2,model=2)")
+    assert "(fell)" in last
+    no_traceback(r)
+
+
+@pytest.mark.parametrize("devices, mesh", [(1, (1, 1)), (2, (1, 2)), (3, (1, 2)), (4, (2, 2)), (7, (2, 2)),
+                                           (8, (2, 4)), (16, (2, 4))])
+def test_demo_mesh_fits_the_device_count(devices: int, mesh: tuple[int, int]) -> None:
+    from sgdgen.tools.demo import demo_mesh
+
+    got = demo_mesh(devices)
+    assert (got["batch"], got["model"]) == mesh and got["batch"] * got["model"] <= devices
+
+
+def test_demo_fail_is_a_verdict_line_and_exit_1(monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from sgdgen.tools import cli, demo
+
+    drifted = demo.DemoResult([1.0, 0.5], 0.01, 2 * demo.MAX_REL_DIFF, 32, 1.0, 0.1, 4, "batch=2,model=2",
+                              [1.0] * 16 + [0.5] * 16)
+    monkeypatch.setattr(demo, "run_demo", lambda **kw: drifted)
+    assert cli.main(["demo", "--no-progress"]) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert "FAIL: compiled SGD vs sgdgen.reference over 32 steps on 4 devices (mesh batch=2,model=2): max " \
+           f"relative difference {2 * demo.MAX_REL_DIFF:.3g} (allowed {demo.MAX_REL_DIFF:g})" in out
+    flat = demo.DemoResult([1.0], 0.0, 0.0, 16, 1.0, 0.1, 1, "batch=1,model=1", [1.0] * 16)
+    assert not flat.passed and "FAIL" in flat.verdict() and "did not fall" in flat.verdict()
+
+
+def test_every_flag_has_help_text() -> None:
+    """`sgdgen <cmd> --help` documents each flag (the issue: --epochs had none)."""
+    from sgdgen.tools.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, p in sub.choices.items():
+        for action in p._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"sgdgen {name} {action.option_strings[0]} has no help text"
+
+
+# ---- bench -----------------------------------------------------------------------------------
+
+
+def test_bench_leaves_no_cache_warnings_and_restores_the_cache() -> None:
+    """The bench's cold-start caches live in a scratch directory until JAX's cache settings are put
+    back; compiles after it (optax's, the copy kernel's, the user's next jit) write nowhere stale."""
+    import warnings
+
+    import jax
+    import jax.numpy as jnp
+
+    from sgdgen.tools import benchmark
+
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+            "jax_persistent_cache_min_entry_size_bytes")
+    before = {k: getattr(jax.config, k) for k in keys}
+    env_before = os.environ.get("SGDGEN_CACHE_DIR")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rows = benchmark.run({"tiny": [(8, 4), (4,)]}, steps=2)
+        jax.jit(lambda x: x * 3.0 + 1.0)(jnp.arange(5.0)).block_until_ready()  # a compile after the bench
+    assert len(rows) == 1 and rows[0].variables == 2
+    cache_warnings = [str(w.message) for w in caught if "compilation cache" in str(w.message)]
+    assert not cache_warnings, cache_warnings[:2]
+    assert {k: getattr(jax.config, k) for k in keys} == before
+    assert os.environ.get("SGDGEN_CACHE_DIR") == env_before

@@ -7,6 +7,8 @@ import warnings
 import numpy as np
 import pytest
 
+import sgdgen
+
 from sgdgen.frontend import schedules as S
 from sgdgen.frontend.config import EMAOption, GradientsClipOption, SGDConfig
 
@@ -228,7 +230,7 @@ def test_validation_order():
         SGDConfig.create(clipnorm=1, global_clipnorm=1, decay=0.1)
     # kwargs before the learning rate: the callable is never called
     calls = []
-    with pytest.raises(ValueError, match="decay is deprecated"):
+    with pytest.raises(ValueError, match="`decay` is deprecated"):
         SGDConfig.create(learning_rate=lambda: calls.append(1) or 0.1, decay=0.1)
     assert calls == []
     # the learning rate before momentum
@@ -239,25 +241,43 @@ def test_validation_order():
 # ---------------------------------------------------------------- kwargs (§1)
 
 
-@pytest.mark.parametrize("k", ["decay", "gradient_aggregator", "gradient_transformers"])
-def test_legacy_kwargs_raise(k):
-    msg = (
-        f"{k} is deprecated in the new TF-Keras optimizer, please check the docstring for valid "
-        "arguments, or use the legacy optimizer, e.g., tf.keras.optimizers.legacy.SGD."
-    )
-    with pytest.raises(ValueError) as e:
+@pytest.mark.parametrize("k, fix", [("decay", "use a learning-rate schedule instead"),
+                                    ("gradient_aggregator", "aggregate the gradients yourself"),
+                                    ("gradient_transformers", "transform the gradients yourself")])
+def test_legacy_kwargs_raise(k, fix):
+    """tf_keras raises ValueError for these; the message says what to do in sgdgen, not 'use tf.keras ... legacy'."""
+    with pytest.raises(ValueError, match=f"^`{k}` is deprecated .* sgdgen.SGD does not support it: {fix}") as e:
         SGDConfig.create(**{k: 0.1})
-    assert str(e.value) == msg
+    assert "legacy" not in str(e.value) and "tf.keras" not in str(e.value)
 
 
-def test_unknown_kwarg_raises_type_error():
+VALID = ("learning_rate, momentum, nesterov, amsgrad, gradients_clip_option, ema_option, jit_compile, name, mesh, "
+         "weight_decay, clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum, ema_overwrite_frequency")
+
+
+@pytest.mark.parametrize("k, closest", [("momentun", "momentum"), ("learningrate", "learning_rate"),
+                                        ("global_clip_norm", "global_clipnorm"), ("foo", None)])
+def test_unknown_kwarg_names_sgd_the_valid_arguments_and_the_closest(k, closest):
     with pytest.raises(TypeError) as e:
-        SGDConfig.create(foo=1)
-    assert str(e.value) == "foo is not a valid argument, kwargs should be empty  for `optimizer_experimental.Optimizer`."
+        sgdgen.SGD(0.1, **{k: 0.9})
+    hint = f" Did you mean `{closest}`?" if closest else ""
+    assert str(e.value) == f"`{k}` is not a valid argument of sgdgen.SGD.{hint} Valid arguments of sgdgen.SGD: {VALID}."
+
+
+def test_valid_argument_list_is_sgds_signature():
+    """The listed names are exactly what sgdgen.SGD accepts (its signature and the flat keyword arguments)."""
+    import inspect
+
+    listed = VALID.split(", ")
+    positional = [p for p in inspect.signature(sgdgen.SGD).parameters if p != "kwargs"]
+    assert listed[:len(positional)] == positional
+    defaults = {"use_ema": False, "ema_momentum": 0.99}
+    for name in listed[len(positional):]:
+        sgdgen.SGD(0.1, **{name: defaults.get(name)})
 
 
 def test_lr_kwarg_warns_and_is_ignored():
-    with pytest.warns(UserWarning, match="`lr` is deprecated"):
+    with pytest.warns(UserWarning, match="`lr` is deprecated and ignored by sgdgen.SGD .*use `learning_rate`"):
         c = SGDConfig.create(lr=0.5)
     assert c.learning_rate == 0.009999999776482582
     with warnings.catch_warnings():
@@ -434,7 +454,7 @@ def test_from_config_reads_a_tf_keras_config():
 
 
 def test_from_config_unknown_key():
-    with pytest.raises(TypeError, match="^bogus is not a valid argument"):
+    with pytest.raises(TypeError, match="^`bogus` is not a valid argument of sgdgen.SGD"):
         SGDConfig.from_config(dict(DEFAULT_CONFIG, bogus=1))
 
 

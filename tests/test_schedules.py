@@ -296,6 +296,28 @@ KERAS_KEYS = {
 }
 
 
+@pytest.mark.parametrize("schedule", ALL, ids=lambda s: type(s).__name__)
+def test_config_key_errors_name_the_schedule_and_the_closest_key(schedule):
+    """Not `_StepDecay.__init__() got an unexpected keyword argument`: the schedule's public name,
+    its keys, and the nearest one to a misspelt key; a missing required key is named too."""
+    import inspect
+
+    cls = type(schedule)
+    config = schedule.get_config()
+    key = next(iter(config))  # the first (required) key
+    owner = f"sgdgen.schedules.{cls.__name__}"
+    misspelt = dict(config)
+    misspelt[key + "s" if not key.endswith("s") else key[:-1]] = misspelt.pop(key)
+    for bad, message in ((misspelt, rf"is not a valid config key of {owner}\. Did you mean `{key}`\?"),
+                         ({k: v for k, v in config.items() if k != key}, rf"{owner} needs the config key `{key}`")):
+        with pytest.raises(TypeError, match=message) as e:
+            cls.from_config(bad)
+        assert "__init__" not in str(e.value) and "Valid config keys of " + owner + ": " + ", ".join(
+            p for p in inspect.signature(cls.__init__).parameters if p != "self") in str(e.value)
+        with pytest.raises(ValueError, match=f"{cls.__name__}: invalid config .*" + message):
+            S.deserialize({"class_name": cls.__name__, "config": bad})
+
+
 def test_registry():
     assert list(S.SCHEDULES) == list(KERAS_KEYS)
     for name, cls in S.SCHEDULES.items():

@@ -3,6 +3,8 @@ checked against JAX's own NamedSharding where JAX has an answer."""
 
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -22,6 +24,42 @@ def test_mesh_forms_agree() -> None:
     assert Mesh.from_jax(jm) == MESH
     assert Mesh.of(None).size == 1 and str(Mesh.of(None)) == ""
     assert Mesh.from_json(MESH.to_json()) == MESH
+
+
+def test_one_constructor_takes_every_mesh_form() -> None:
+    """README's forms: a string, a dict, a jax Mesh, a Keras 3 DeviceMesh, a Mesh, pairs."""
+    os.environ.setdefault("KERAS_BACKEND", "jax")  # before keras is first imported, as tests/test_parity.py
+    import keras
+
+    devices = jax.devices()[:8]
+    permuted = [devices[i] for i in (7, 6, 5, 4, 3, 2, 1, 0)]
+    jm = jax.sharding.Mesh(np.array(permuted).reshape(2, 4), ("batch", "model"))
+    km = keras.distribution.DeviceMesh((2, 4), ["batch", "model"], devices=permuted)
+    km_default = keras.distribution.DeviceMesh((2, 4), ["batch", "model"])  # Keras' "cpu:N" device names
+    for form in ("batch=2,model=4", {"batch": 2, "model": 4}, [("batch", 2), ("model", 4)], MESH, km_default):
+        assert sgdgen.Mesh(form) == MESH, form
+    for form in (jm, km):  # a jax or Keras mesh keeps its device order
+        got = sgdgen.Mesh(form)
+        assert got.shape == MESH.shape and got.device_ids == (7, 6, 5, 4, 3, 2, 1, 0), form
+    assert sgdgen.Mesh(None) == sgdgen.Mesh(()) == sgdgen.Mesh("") and sgdgen.Mesh(None).size == 1
+    assert Mesh.of(MESH) is MESH and Mesh.of(jm) == sgdgen.Mesh(jm) and Mesh.from_jax(jm) == sgdgen.Mesh(jm)
+    assert sgdgen.Mesh("batch=2,model=4", device_ids=range(7, -1, -1)).device_ids == (7, 6, 5, 4, 3, 2, 1, 0)
+
+
+def test_a_mesh_from_something_else_says_which_forms_work() -> None:
+    with pytest.raises(SpecError, match=r"cannot make a mesh from int 8; pass \"batch=2,model=4\", a dict .*"
+                                        r"jax.sharding.Mesh or a keras.distribution.DeviceMesh"):
+        sgdgen.Mesh(8)
+
+
+def test_layout_checks_its_axes_at_construction() -> None:
+    """As DTensor's Layout: an axis the mesh lacks fails when the Layout is made, not at the Variable."""
+    with pytest.raises(SpecError, match=r"^layout names mesh axis 'modle' on dimension 1, "
+                                        r"but the mesh has axes \['batch', 'model'\]; use one of those or 'unsharded'"):
+        sgdgen.Layout(["unsharded", "modle"], "batch=2,model=4")
+    with pytest.raises(SpecError, match="mesh axis 'x' on dimension 0"):
+        sgdgen.Layout([("batch", "x")], MESH)
+    assert sgdgen.Layout(["unsharded", ("batch", "model")], MESH).used_axes == ("batch", "model")
 
 
 @pytest.mark.parametrize("text, message", [

@@ -309,8 +309,7 @@ class SGD:
     def _common_mesh(self, var_list: Sequence[Variable]) -> Mesh:
         for v in var_list:
             if not isinstance(v, Variable):
-                raise TypeError(f"expected sgdgen.Variable, got {type(v).__name__}; wrap arrays with "
-                                "sgdgen.Variable(array, layout=..., name=...)")
+                raise TypeError(_not_a_variable(v))
             canonical_dtype(v.dtype, what=f"variable {v.name!r}")  # integer variables are refused here
         mesh = self._mesh if self._mesh is not None else (var_list[0].mesh if var_list else Mesh(()))
         for v in var_list:
@@ -353,10 +352,11 @@ class SGD:
     def _slot_index(self, v: Variable) -> int:
         k = self._index.get(getattr(v, "_unique_id", None))
         if k is None:
-            raise UnknownVariableError(f"The optimizer cannot recognize variable {getattr(v, 'name', v)}. This usually means "
-                           "you are trying to call the optimizer to update different parts of the model separately. "
-                           "Please call `optimizer.build(variables)` with the full list of trainable variables "
-                           "before the training loop or use legacy optimizer `tf.keras.optimizers.legacy.SGD.")
+            raise UnknownVariableError(
+                f"The optimizer cannot recognize variable {getattr(v, 'name', v)}: its slots were built for "
+                f"{[t.name for t in self._tracked]}. An sgdgen.SGD is built once, for every variable it will update: "
+                "call `optimizer.build(variables)` (or `SGD.load_artifact(path, variables)`) with the full list of "
+                "trainable variables before the training loop, or use one optimizer per group of variables.")
         return k
 
     # ---- the step ----------------------------------------------------------------------
@@ -374,6 +374,11 @@ class SGD:
         _refuse_tracers(pairs)
         if not pairs:
             return self._iterations
+        for k, pair in enumerate(pairs):
+            if isinstance(pair, tuple) and len(pair) == 2 and _is_variable(pair[0]) and not _is_variable(pair[1]):
+                raise TypeError(f"grads_and_vars[{k}] is ({type(pair[0]).__name__} {getattr(pair[0], 'name', '')!r}, "
+                                f"{type(pair[1]).__name__}): the pairs are (gradient, variable); swap them, e.g. "
+                                "zip(grads, variables)")
         grads = [g for g, _ in pairs]
         variables = [v for _, v in pairs]
         if all(g is None for g in grads):
@@ -645,3 +650,20 @@ def _weight_value(v: Variable, w: Any, *, counter: bool) -> np.ndarray:
         raise StepTypeError(f"set_weights: the value for {v.name} has dtype {arr.dtype}, which does not convert to "
                             f"{v.dtype}; pass a numeric array")
     return np.array(arr, v.dtype, copy=True)
+
+
+def _is_variable(x: Any) -> bool:
+    """An sgdgen.Variable, or another framework's variable (keras.Variable, tf.Variable)."""
+    return isinstance(x, Variable) or (hasattr(x, "assign") and hasattr(x, "trainable"))
+
+
+def _not_a_variable(v: Any) -> str:
+    """The message for a non-sgdgen variable in a (gradient, variable) list: what it is and what to do."""
+    kind = f"{type(v).__module__.split('.')[0]}.{type(v).__name__}"
+    if _is_variable(v):
+        name = getattr(v, "path", None) or getattr(v, "name", "...")
+        return (f"expected sgdgen.Variable, got {kind} {name!r}; sgdgen.SGD updates its own variables: create "
+                f"them as sgdgen.Variable(value, layout=..., name={name!r}) (e.g. from {type(v).__name__}.numpy()) "
+                "and read the trained values back with .numpy()")
+    return (f"expected sgdgen.Variable, got {kind}; wrap arrays with sgdgen.Variable(array, layout=..., name=...) "
+            "and pass (gradient, variable) pairs")

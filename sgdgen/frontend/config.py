@@ -9,6 +9,7 @@ exactly `get_config()` dicts.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import warnings
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from sgdgen.frontend import schedules
+from sgdgen.frontend.arguments import check_names
 from sgdgen.frontend.schedules import LearningRateSchedule
 
 __all__ = ["GradientsClipOption", "EMAOption", "SGDConfig"]
@@ -329,25 +331,38 @@ class SGDConfig:
         return None
 
 
+def _sgd_arguments() -> list[str]:
+    """The arguments of `sgdgen.SGD`: SGDConfig.create's, plus `mesh`, which SGD itself takes."""
+    names = [n for n in inspect.signature(SGDConfig.create).parameters if n not in ("cls", "kwargs")]
+    names.insert(names.index("name") + 1, "mesh")
+    return names
+
+
+_LEGACY_FIX = {
+    "decay": "use a learning-rate schedule instead, e.g. sgdgen.schedules.InverseTimeDecay(lr, 1, decay)",
+    "gradient_aggregator": "aggregate the gradients yourself before apply_gradients",
+    "gradient_transformers": "transform the gradients yourself before apply_gradients "
+                             "(clipping: clipnorm, clipvalue or global_clipnorm)",
+}
+
+
 def _process_kwargs(kwargs: dict[str, Any]) -> None:
-    """tf_keras `_process_kwargs` (§1): `lr` warns and is ignored; legacy names fail; others too."""
+    """tf_keras `_process_kwargs` (§1): `lr` warns and is ignored; legacy names fail; others too.
+
+    The behaviour is tf_keras'; the messages speak of sgdgen's API and say what to do.
+    """
     kwargs = dict(kwargs)
     kwargs.pop("is_legacy_optimizer", None)
     if kwargs.pop("lr", None):
         warnings.warn(
-            "`lr` is deprecated in TF-Keras optimizer, please use `learning_rate` or use the "
-            "legacy optimizer, e.g.,tf.keras.optimizers.legacy.SGD. (sgdgen ignores its value, "
-            "as tf_keras does.)",
+            "`lr` is deprecated and ignored by sgdgen.SGD (as by tf_keras' optimizer); "
+            "use `learning_rate`.",
             UserWarning, stacklevel=3,
         )
     for k in kwargs:
         if k in _LEGACY_KWARGS:
             raise ValueError(
-                f"{k} is deprecated in the new TF-Keras optimizer, please check the docstring "
-                "for valid arguments, or use the legacy optimizer, e.g., "
-                "tf.keras.optimizers.legacy.SGD."
+                f"`{k}` is deprecated (it was removed from the Keras optimizers) and sgdgen.SGD does not "
+                f"support it: {_LEGACY_FIX[k]}."
             )
-        raise TypeError(
-            f"{k} is not a valid argument, kwargs should be empty  for "
-            "`optimizer_experimental.Optimizer`."
-        )
+    check_names("sgdgen.SGD", kwargs, _sgd_arguments())

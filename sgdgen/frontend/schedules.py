@@ -29,6 +29,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from sgdgen.frontend.arguments import check_names, parameters
+
 __all__ = [
     "LearningRateSchedule",
     "ExponentialDecay",
@@ -128,7 +130,10 @@ class LearningRateSchedule:
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> LearningRateSchedule:
-        """Rebuild a schedule from `get_config()`."""
+        """Rebuild a schedule from `get_config()`; an unknown or missing key is a TypeError that
+        names this schedule, its keys and the closest one (not a base class's `__init__`)."""
+        names, required = parameters(cls.__init__)
+        check_names(f"sgdgen.schedules.{cls.__name__}", config, names, required, kind="config key")
         return cls(**config)
 
     def _key(self) -> tuple[type, str]:
@@ -466,5 +471,5 @@ def deserialize(d: dict[str, Any] | LearningRateSchedule,
         raise ValueError(f"{class_name}: 'config' must be a dict. Received: config={config!r}")
     try:
         return cls.from_config(config)
-    except TypeError as e:  # a missing or unknown argument
-        raise ValueError(f"{class_name}: invalid config {config!r}: {e}") from e
+    except TypeError as e:  # a missing or unknown key
+        raise ValueError(f"{class_name}: invalid config {config!r}: {e}") from None

@@ -82,43 +82,33 @@ class Mesh:
             raise SpecError("mesh device ids must be distinct")
 
     # ---- constructors -------------------------------------------------------------
+    def __init__(self, axes: Mesh | str | Mapping[str, int] | Iterable[tuple[str, int]] | Any | None = (),
+                 device_ids: Sequence[int] = ()):
+        """One constructor for every form a user may have: "batch=2,model=4", {"batch": 2},
+        a `jax.sharding.Mesh`, a Keras 3 `keras.distribution.DeviceMesh`, another Mesh,
+        (name, size) pairs, or None / () for the one-device mesh. A jax or Keras mesh keeps
+        its device order; `device_ids` (row-major) overrides it for the other forms."""
+        items, ids = _axes_and_ids(axes)
+        if device_ids:
+            ids = tuple(device_ids)
+        object.__setattr__(self, "axes", items)
+        object.__setattr__(self, "device_ids", tuple(int(d) for d in ids))
+        self.__post_init__()
+
     @classmethod
     def parse(cls, text: str) -> Mesh:
         """Parses "batch=2,model=4" (an empty string is the 1-device mesh with no axes)."""
-        axes = []
-        for part in filter(None, (p.strip() for p in text.split(","))):
-            name, sep, size = part.partition("=")
-            if not sep or not size.strip().lstrip("-").isdigit():
-                raise SpecError(f"mesh entry {part!r} is not NAME=SIZE; write a mesh as \"batch=2,model=4\"")
-            axes.append((name.strip(), int(size)))
-        return cls(tuple(axes))
+        return cls(_parse_axes(text))
 
     @classmethod
     def from_jax(cls, mesh: Any) -> Mesh:
         """From a `jax.sharding.Mesh`, keeping its device order."""
-        ids = tuple(int(d.id) for d in np.asarray(mesh.devices).flat)
-        return cls(tuple((str(n), int(s)) for n, s in mesh.shape.items()), ids)
+        return cls(mesh)
 
     @classmethod
     def of(cls, mesh: Mesh | str | Mapping[str, int] | Any | None) -> Mesh:
-        """Accepts any form a user may pass: Mesh, "a=2,b=4", {"a": 2}, jax Mesh, or None (1 device)."""
-        if mesh is None:
-            return cls(())
-        if isinstance(mesh, Mesh):
-            return mesh
-        if isinstance(mesh, str):
-            return cls.parse(mesh)
-        if isinstance(mesh, Mapping):
-            return cls(tuple((str(k), v) for k, v in mesh.items()))
-        if hasattr(mesh, "devices") and hasattr(mesh, "axis_names"):
-            return cls.from_jax(mesh)
-        raise SpecError(f"cannot make a mesh from {type(mesh).__name__}; pass \"batch=2,model=4\", a dict or a jax Mesh")
-
-    def __init__(self, axes: Mapping[str, int] | Iterable[tuple[str, int]] = (), device_ids: Sequence[int] = ()):
-        items = tuple(axes.items()) if isinstance(axes, Mapping) else tuple((a, s) for a, s in axes)
-        object.__setattr__(self, "axes", items)
-        object.__setattr__(self, "device_ids", tuple(int(d) for d in device_ids))
-        self.__post_init__()
+        """`Mesh(mesh)`, but a Mesh is returned as it is."""
+        return mesh if isinstance(mesh, Mesh) else cls(mesh)
 
     # ---- queries ------------------------------------------------------------------
     @property
@@ -171,6 +161,56 @@ class Mesh:
         return jax.sharding.Mesh(devs, self.axis_names)
 
 
+def _parse_axes(text: str) -> tuple[tuple[str, int], ...]:
+    axes = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, size = part.partition("=")
+        if not sep or not size.strip().lstrip("-").isdigit():
+            raise SpecError(f"mesh entry {part!r} is not NAME=SIZE; write a mesh as \"batch=2,model=4\"")
+        axes.append((name.strip(), int(size)))
+    return tuple(axes)
+
+
+def _device_id(device: Any) -> int:
+    """A device's id: a jax Device's `.id`, or N of Keras' "cpu:N" strings."""
+    if hasattr(device, "id"):
+        return int(device.id)
+    text = str(device)
+    tail = text.rpartition(":")[2]
+    if not tail.isdigit():
+        raise SpecError(f"mesh device {text!r} is neither a jax Device nor a 'platform:N' name")
+    return int(tail)
+
+
+def _axes_and_ids(source: Any) -> tuple[tuple[tuple[str, int], ...], tuple[int, ...]]:
+    """(axes, device ids) from any mesh form `Mesh(...)` takes; () ids mean 0..n-1."""
+    if source is None:
+        return (), ()
+    if isinstance(source, Mesh):
+        return source.axes, source.device_ids
+    if isinstance(source, str):
+        return _parse_axes(source), ()
+    if isinstance(source, Mapping):
+        return tuple((k, v) for k, v in source.items()), ()
+    if hasattr(source, "devices") and hasattr(source, "axis_names"):
+        # jax.sharding.Mesh (shape: a name -> size mapping) or keras.distribution.DeviceMesh (shape: a tuple)
+        shape = source.shape
+        sizes = list(shape.values()) if isinstance(shape, Mapping) else list(shape)
+        names = list(source.axis_names)
+        if len(names) != len(sizes):
+            raise SpecError(f"mesh {source!r} has axis names {names} but shape {sizes}")
+        ids = tuple(_device_id(d) for d in np.asarray(source.devices, dtype=object).flat)
+        return tuple((str(n), int(s)) for n, s in zip(names, sizes)), ids
+    try:
+        pairs = tuple((a, s) for a, s in source)
+    except (TypeError, ValueError):
+        raise SpecError(
+            f"cannot make a mesh from {type(source).__name__} {source!r}; pass \"batch=2,model=4\", "
+            "a dict {\"batch\": 2, \"model\": 4}, a jax.sharding.Mesh or a keras.distribution.DeviceMesh"
+        ) from None
+    return pairs, ()
+
+
 @dataclass(frozen=True)
 class Layout:
     """Per tensor dimension, the mesh axes that shard it (major to minor); () = unsharded.
@@ -195,6 +235,13 @@ class Layout:
                 dims.append(tuple(str(a) for a in s))
             else:
                 raise SpecError(f"layout entry {s!r} is not a mesh axis name, {UNSHARDED!r} or a tuple of axes")
+        for i, axes in enumerate(dims):
+            for a in axes:
+                if a not in mesh.shape:
+                    raise SpecError(
+                        f"layout names mesh axis {a!r} on dimension {i}, but the mesh has axes "
+                        f"{list(mesh.axis_names)}; use one of those or '{UNSHARDED}'"
+                    )
         object.__setattr__(self, "dims", tuple(dims))
         object.__setattr__(self, "mesh", mesh)
 
@@ -239,12 +286,7 @@ class Layout:
             )
         seen: set[str] = set()
         for i, axes in enumerate(self.dims):
-            for a in axes:
-                if a not in self.mesh.shape:
-                    raise SpecError(
-                        f"{what}: layout names mesh axis {a!r} on dimension {i}, but the mesh has axes "
-                        f"{list(self.mesh.axis_names)}; use one of those or '{UNSHARDED}'"
-                    )
+            for a in axes:  # every axis is on the mesh: Layout checks that at construction
                 if a in seen:
                     raise SpecError(f"{what}: mesh axis {a!r} is used twice in layout {self.sharding_specs}; "
                                     "an axis may shard one dimension only")
@@ -378,7 +420,10 @@ class VarSpec:
         if layout is None:
             layout = Layout.replicated(mesh, len(shape))
         elif not isinstance(layout, Layout):
-            layout = Layout(layout, mesh)
+            try:
+                layout = Layout(layout, mesh)
+            except SpecError as e:
+                raise SpecError(f"variable {name!r}: {e}") from None
         return cls(name, tuple(shape), dtype, layout, decay)
 
     @property

@@ -13,10 +13,12 @@ Three measurements per model, all on this process's first device:
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -71,8 +73,35 @@ def _copy_bandwidth(nbytes: int) -> float:
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
-def bench_model(name: str, shapes: list[tuple[int, ...]], *, steps: int = 30) -> BenchRow:
-    """Measures one model (see the module docstring)."""
+@contextmanager
+def scratch_cache() -> Iterator[str]:
+    """A temporary directory under which each model gets an empty executable cache (cold starts).
+
+    sgdgen's process-wide cache and SGDGEN_CACHE_DIR are put back as they were before the
+    directory is removed; JAX's own configuration is never touched.
+    """
+    from sgdgen.runtime.cache import default_cache, set_default_cache
+
+    previous = default_cache()
+    env = os.environ.get("SGDGEN_CACHE_DIR")
+    parent = tempfile.mkdtemp(prefix="sgdgen-bench-")
+    try:
+        yield parent
+    finally:
+        set_default_cache(previous)
+        if env is None:
+            os.environ.pop("SGDGEN_CACHE_DIR", None)
+        else:
+            os.environ["SGDGEN_CACHE_DIR"] = env
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+def bench_model(name: str, shapes: list[tuple[int, ...]], *, steps: int = 30, cache_root: str | None = None) -> BenchRow:
+    """Measures one model (see the module docstring); its caches start empty under `cache_root`
+    (which must outlive every compile of the process while it is configured: `scratch_cache`)."""
+    if cache_root is None:
+        with scratch_cache() as root:
+            return bench_model(name, shapes, steps=steps, cache_root=root)
     import jax
     import optax
 
@@ -84,7 +113,8 @@ def bench_model(name: str, shapes: list[tuple[int, ...]], *, steps: int = 30) ->
     grads_host = [rng.standard_normal(s).astype(np.float32) * 0.01 for s in shapes]
     kw = dict(learning_rate=0.01, momentum=0.9, nesterov=True, global_clipnorm=1.0)
 
-    with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as art_dir:
+    cache = tempfile.mkdtemp(prefix="xla-", dir=cache_root)
+    with tempfile.TemporaryDirectory() as art_dir:
         os.environ["SGDGEN_CACHE_DIR"] = cache
         prog.clear_memory_cache()
         prog.configure_persistent_cache(cache)
@@ -143,7 +173,9 @@ def bench_model(name: str, shapes: list[tuple[int, ...]], *, steps: int = 30) ->
 
 
 def run(models: dict[str, list[tuple[int, ...]]] | None = None, *, steps: int = 30) -> list[BenchRow]:
-    return [bench_model(name, shapes, steps=steps) for name, shapes in (models or MODELS).items()]
+    """Every model, each from empty caches; the process's cache settings are restored afterwards."""
+    with scratch_cache() as root:
+        return [bench_model(name, shapes, steps=steps, cache_root=root) for name, shapes in (models or MODELS).items()]
 
 
 def table(rows: list[BenchRow]) -> str:

@@ -1,6 +1,10 @@
-"""`sgdgen demo`: train a small MLP with data- and model-parallel layouts on 8 simulated
-CPU devices, every optimizer option on, and check the compiled optimizer against the
-NumPy reference fed the same gradients.
+"""`sgdgen demo`: train a small MLP with data- and model-parallel layouts on the devices
+the process has (8 simulated CPU devices through `sgdgen demo`), every optimizer option
+on, and check the compiled optimizer against the NumPy reference fed the same gradients.
+
+The mesh fits the device count (`demo_mesh`): 8 or more -> batch=2,model=4; 4 -> 2x2;
+2 -> 1x2; 1 -> 1x1 (one device), so `XLA_FLAGS=--xla_force_host_platform_device_count=4
+sgdgen demo` runs on 4 devices.
 
 Model: y = relu(x @ W1 + b1) @ W2 + b2 on synthetic regression data. The batch is
 sharded over "batch"; W1's columns, b1 and W2's rows over "model" (Megatron-style), b2
@@ -11,10 +15,16 @@ global_clipnorm, EMA with periodic overwrite, and a cosine schedule with warmup.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+
+#: The demo passes when the compiled optimizer is within this of the reference, relative to the
+#: largest weight: docs/numerics.md §4's float32 bound (1e-6 per step) over the demo's 128
+#: steps leaves room for compounding; a wrong rule is off by far more (1e-3 and up).
+MAX_REL_DIFF = 1e-5
 
 
 @dataclass
@@ -25,6 +35,45 @@ class DemoResult:
     steps: int
     seconds: float
     compile_seconds: float
+    devices: int = 1
+    mesh: str = ""
+    step_losses: list[float] = field(default_factory=list)
+
+    @property
+    def first_loss(self) -> float:
+        """Mean loss over the first quarter of the steps (one epoch suffices to see it fall)."""
+        k = max(1, len(self.step_losses) // 4)
+        return float(np.mean(self.step_losses[:k]))
+
+    @property
+    def last_loss(self) -> float:
+        """Mean loss over the last quarter of the steps."""
+        k = max(1, len(self.step_losses) // 4)
+        return float(np.mean(self.step_losses[-k:]))
+
+    @property
+    def passed(self) -> bool:
+        """Matches the reference within MAX_REL_DIFF and the loss fell."""
+        return self.max_rel_diff <= MAX_REL_DIFF and self.last_loss < self.first_loss
+
+    def verdict(self) -> str:
+        """One line: what was checked, PASS/FAIL, on how many devices."""
+        word = "PASS" if self.passed else "FAIL"
+        return (f"{word}: compiled SGD vs sgdgen.reference over {self.steps} steps on {self.devices} device"
+                f"{'s' if self.devices != 1 else ''} (mesh {self.mesh}): max relative difference "
+                f"{self.max_rel_diff:.3g} (allowed {MAX_REL_DIFF:g}), loss (first -> last quarter of the steps) "
+                f"{self.first_loss:.4f} -> {self.last_loss:.4f} "
+                f"({'fell' if self.last_loss < self.first_loss else 'did not fall'})")
+
+
+def demo_mesh(device_count: int) -> dict[str, int]:
+    """The largest of 2x4, 2x2, 1x2, 1x1 (batch x model) that fits `device_count` devices."""
+    if device_count < 1:
+        raise RuntimeError("the demo needs at least 1 device; this process has none")
+    for batch, model in ((2, 4), (2, 2), (1, 2), (1, 1)):
+        if batch * model <= device_count:
+            return {"batch": batch, "model": model}
+    raise AssertionError("unreachable: 1x1 fits one device")
 
 
 def run_demo(*, epochs: int = 8, steps_per_epoch: int = 16, batch: int = 64, hidden: int = 64, features: int = 16,
@@ -38,11 +87,8 @@ def run_demo(*, epochs: int = 8, steps_per_epoch: int = 16, batch: int = 64, hid
     from sgdgen import reference
     from sgdgen.runtime.program import STATS
 
-    if jax.device_count() < 8:
-        raise RuntimeError(f"the demo needs 8 devices, this process has {jax.device_count()}; run it through "
-                           "`sgdgen demo`, which sets XLA_FLAGS=--xla_force_host_platform_device_count=8")
     t_start = time.perf_counter()
-    mesh = sgdgen.Mesh({"batch": 2, "model": 4})
+    mesh = sgdgen.Mesh(demo_mesh(jax.device_count()))
     rng = np.random.default_rng(seed)
     true_w = rng.standard_normal((features, 1)).astype(np.float32)
     init = {
@@ -77,6 +123,7 @@ def run_demo(*, epochs: int = 8, steps_per_epoch: int = 16, batch: int = 64, hid
     state = reference.build(opt.config, [v.numpy() for v in variables])
     decay = [opt._use_weight_decay(v) for v in variables]
     losses: list[float] = []
+    step_losses: list[float] = []
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -95,6 +142,7 @@ def run_demo(*, epochs: int = 8, steps_per_epoch: int = 16, batch: int = 64, hid
                 opt.apply_gradients(zip(grads, variables))
                 state = reference.apply_gradients(opt.config, state, host_grads, decay_mask=decay)
                 epoch_loss.append(float(loss))
+                step_losses.append(epoch_loss[-1])
                 bar.update(task, advance=1, epoch=epoch + 1, loss=float(np.mean(epoch_loss)))
             losses.append(float(np.mean(epoch_loss)))
             if console is not None or progress:
@@ -103,4 +151,4 @@ def run_demo(*, epochs: int = 8, steps_per_epoch: int = 16, batch: int = 64, hid
     scale = max(float(np.max(np.abs(r))) for r in state.variables)
     max_abs = max(float(d.max()) for d in diffs)
     return DemoResult(losses, max_abs, max_abs / scale, epochs * steps_per_epoch, time.perf_counter() - t_start,
-                      sum(STATS.seconds))
+                      sum(STATS.seconds), mesh.size, str(mesh), step_losses)
