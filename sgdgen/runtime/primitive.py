@@ -1,6 +1,6 @@
 """The step as a JAX primitive: sgdgen's lowered module inside a user's `jax.jit` or `jax.export`.
 
-`step_p` takes the step's arguments in `StepABI` order and returns its results in that
+`step_primitive()` takes the step's arguments in `StepABI` order and returns its results in that
 order. Its abstract evaluation returns the state arguments' avals (result k updates
 argument k, so it has argument k's shape, dtype and, in explicit-sharding mode, sharding);
 its lowering merges `module_text(program)` (the pass-rewritten module, the same text
@@ -95,7 +95,10 @@ def _lowered_module(ctx: Any, *, program: StepProgram) -> str:
     return module_text(program)
 
 
-def _define() -> Any:
+@functools.cache
+def step_primitive() -> Any:
+    """The `sgdgen_step` primitive, defined (and its lowering registered) on first use, so that
+    `import sgdgen` does not import jax."""
     from jax.extend.core import Primitive
 
     p = Primitive("sgdgen_step")
@@ -106,10 +109,7 @@ def _define() -> Any:
     return p
 
 
-step_p = _define()
-
-
-def _placed(x: Any, slot: Slot) -> Any:
+def placed(x: Any, slot: Slot) -> Any:
     """`x` constrained to the slot's layout (a no-op for an array already laid out so)."""
     import jax
 
@@ -119,8 +119,12 @@ def _placed(x: Any, slot: Slot) -> Any:
         return x
     typed = getattr(jax.typeof(x), "sharding", None)
     if typed is not None and jax.sharding.AxisType.Explicit in tuple(typed.mesh.axis_types):
-        # Explicit-sharding mode: the layout is part of the type; change it with reshard.
-        return jax.sharding.reshard(x, want)
+        # Explicit-sharding mode: the layout is part of the type, on the caller's mesh; change it
+        # with reshard, to the step's layout on that mesh.
+        if dict(typed.mesh.shape) != slot.layout.mesh.shape:
+            raise StepInputError(f"{slot.role} {slot.name!r} is typed on mesh {dict(typed.mesh.shape)}, but the step "
+                                 f"is built for {slot.layout.mesh.shape}; build the step on the mesh you trace with")
+        return jax.sharding.reshard(x, jax.sharding.NamedSharding(typed.mesh, slot.layout.partition_spec()))
     return jax.lax.with_sharding_constraint(x, want)
 
 
@@ -138,8 +142,8 @@ def apply(program: StepProgram, args: Sequence[Any]) -> list[Any]:
         args[-1] = jnp.asarray(args[-1], jnp.float32)
     for slot, a in zip(abi.inputs, args):
         _check_aval(slot, a)
-    placed = [_placed(a, s) for a, s in zip(args, abi.inputs)]
-    return step_p.bind(*placed, program=program.signature)
+    placed_args = [placed(a, s) for a, s in zip(args, abi.inputs)]
+    return step_primitive().bind(*placed_args, program=program.signature)
 
 
-__all__ = ["SHARDY_REQUIRED", "apply", "module_text", "require_shardy", "step_p"]
+__all__ = ["SHARDY_REQUIRED", "apply", "module_text", "placed", "require_shardy", "step_primitive"]
