@@ -23,9 +23,9 @@ import numpy as np
 from sgdgen import backend
 from sgdgen.api.sgd import SGD
 from sgdgen.codegen.abi import StepABI, StepState
-from sgdgen.errors import ConfigError, SpecError, StepInputError
+from sgdgen.errors import ConfigError, StepInputError
 from sgdgen.frontend.config import SGDConfig
-from sgdgen.frontend.spec import Layout, Mesh, VarSpec, canonical_dtype
+from sgdgen.frontend.spec import Layout, Mesh, SpecError, VarSpec, canonical_dtype
 from sgdgen.runtime import primitive
 from sgdgen.runtime.program import StepProgram
 

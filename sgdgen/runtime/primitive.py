@@ -118,13 +118,16 @@ def placed(x: Any, slot: Slot) -> Any:
     if not isinstance(x, jax.core.Tracer) and have is not None and have.is_equivalent_to(want, len(slot.shape)):
         return x
     typed = getattr(jax.typeof(x), "sharding", None)
-    if typed is not None and jax.sharding.AxisType.Explicit in tuple(typed.mesh.axis_types):
-        # Explicit-sharding mode: the layout is part of the type, on the caller's mesh; change it
-        # with reshard, to the step's layout on that mesh.
-        if dict(typed.mesh.shape) != slot.layout.mesh.shape:
-            raise StepInputError(f"{slot.role} {slot.name!r} is typed on mesh {dict(typed.mesh.shape)}, but the step "
-                                 f"is built for {slot.layout.mesh.shape}; build the step on the mesh you trace with")
-        return jax.sharding.reshard(x, jax.sharding.NamedSharding(typed.mesh, slot.layout.partition_spec()))
+    context = jax.sharding.get_abstract_mesh()
+    for mesh in (context, typed.mesh if typed is not None else None):
+        if mesh is not None and jax.sharding.AxisType.Explicit in tuple(mesh.axis_types):
+            # Explicit-sharding mode: the layout is part of the type, on the caller's mesh;
+            # change it with reshard, to the step's layout on that mesh.
+            if dict(mesh.shape) != slot.layout.mesh.shape:
+                raise StepInputError(f"{slot.role} {slot.name!r} is typed on mesh {dict(mesh.shape)}, but the step "
+                                     f"is built for {slot.layout.mesh.shape}; build the step on the mesh you trace "
+                                     "with")
+            return jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, slot.layout.partition_spec()))
     return jax.lax.with_sharding_constraint(x, want)
 
 
