@@ -19,11 +19,12 @@ from sgdgen.api.variable import Variable
 from sgdgen.frontend import schedules
 from sgdgen.frontend.config import EMAOption, GradientsClipOption, SGDConfig
 from sgdgen.frontend.spec import Layout, Mesh, SpecError, VarSpec
+from sgdgen.integrations.jax import JaxStep, check_in_place, jax_step
 
 # `sgdgen.schedules` is public API (Keras' `keras.optimizers.schedules`): `from sgdgen.schedules
 # import CosineDecay` keeps working although the module lives in the frontend stage.
 _sys.modules.setdefault("sgdgen.schedules", schedules)
 
 
-__all__ = ["EMAOption", "GradientsClipOption", "Layout", "Mesh", "SGD", "SGDConfig", "SpecError", "VarSpec",
-           "Variable", "__version__", "schedules"]
+__all__ = ["EMAOption", "GradientsClipOption", "JaxStep", "Layout", "Mesh", "SGD", "SGDConfig", "SpecError", "VarSpec",
+           "Variable", "__version__", "check_in_place", "jax_step", "schedules"]

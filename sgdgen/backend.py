@@ -271,3 +271,89 @@ def sharding_matches(hlo_sharding: Any, sharding: Any, ndim: int) -> bool:
     if hlo_sharding is None:
         return len(sharding.device_set) == 1
     return bool(op_shardings.are_hlo_shardings_equal(hlo_sharding, sharding._to_xla_hlo_sharding(ndim)))
+
+
+# ---- JAX lowering: a compiled module called from inside a user's program -------------------
+# The step as a JAX primitive (sgdgen.runtime.primitive) is lowered by merging sgdgen's lowered
+# module into the module JAX is building and calling its @main, as jax.export's own
+# `call_exported` lowering does (jax/_src/export/_export.py). Everything below touches
+# `jax.interpreters.mlir` (whose LoweringRuleContext / ModuleContext fields are JAX-internal),
+# `jax._src.interpreters.mlir.lower_with_sharding_in_types`, `jax._src.dispatch.apply_primitive`
+# and a compiled program's private `_executable._kept_var_idx` / `_params.const_args`.
+
+def shardy_enabled() -> bool:
+    """Whether JAX partitions with Shardy (`jax_use_shardy_partitioner`); sgdgen's modules need it."""
+    import jax
+
+    return bool(jax.config.jax_use_shardy_partitioner)
+
+
+def define_eager_impl(primitive: Any) -> None:
+    """Runs `primitive` outside any jit as JAX runs its own primitives: one cached jit of the bind."""
+    import functools
+
+    from jax._src import dispatch
+
+    primitive.def_impl(functools.partial(dispatch.apply_primitive, primitive))
+
+
+def lowering_device_count(ctx: Any) -> int:
+    """How many devices the program being lowered runs on (its partitions)."""
+    axis_context = ctx.module_context.axis_context
+    if hasattr(axis_context, "num_devices"):  # ShardingContext: jit over shardings
+        return int(axis_context.num_devices)
+    mesh = getattr(axis_context, "mesh", None)  # SPMDAxisContext: inside a mesh context
+    if mesh is not None:
+        return int(mesh.size)
+    from sgdgen.errors import BackendError
+
+    raise BackendError(f"the step cannot be lowered inside {type(axis_context).__name__} (e.g. pmap or a "
+                       "manual shard_map body); call it from jax.jit with sharded arrays instead")
+
+
+def register_module_call_lowering(primitive: Any, module_text: Any, name: str) -> None:
+    """Lowers `primitive` to a `func.call` of the @main of the module `module_text(ctx, **params)`
+    (StableHLO text), merged into the module being lowered.
+
+    Operands whose element type differs from @main's (an int32 step counter for an int64 one)
+    are converted on the way in, results to the avals JAX expects on the way out, and in
+    explicit-sharding mode each result carries its aval's sharding."""
+    from jax._src.interpreters import mlir as mlir_internal
+    from jax.interpreters import mlir
+    from jaxlib.mlir import ir
+    from jaxlib.mlir.dialects import func, stablehlo
+
+    def rule(ctx: Any, *operands: Any, **params: Any) -> list[Any]:
+        module_ctx = ctx.module_context
+        text = module_text(ctx, **params)
+        with module_ctx.context:
+            sub = ir.Module.parse(text)
+        main = ir.SymbolTable(sub.operation)["main"]
+        callee_type = main.type
+        args = [x if x.type == t else stablehlo.convert(t, x) for x, t in zip(operands, callee_type.inputs)]
+        callee = mlir.merge_mlir_modules(module_ctx.module, name, sub, dst_symtab=module_ctx.symbol_table)
+        call = func.CallOp(callee_type.results, ir.FlatSymbolRefAttr.get(callee), args)
+        results = []
+        for out, aval in zip(call.results, ctx.avals_out):
+            want = mlir.aval_to_ir_type(module_ctx, aval)
+            out = out if out.type == want else stablehlo.convert(want, out)
+            if getattr(aval, "sharding", None) is not None:
+                out = mlir_internal.lower_with_sharding_in_types(ctx, out, aval)
+            results.append(out)
+        return results
+
+    mlir.register_lowering(primitive, rule)
+
+
+def kept_argument_indices(compiled: Any) -> list[int | None]:
+    """For each flattened argument of a jax `Compiled`, the index of the executable's parameter
+    that receives it (None when jit dropped it as unused); hoisted constants come first."""
+    executable = compiled._executable
+    offset = len(getattr(compiled._params, "const_args", ()))
+    n = compiled.in_tree.num_leaves
+    kept = getattr(executable, "_kept_var_idx", None)
+    if kept is None:
+        return [offset + i for i in range(n)]
+    positions = sorted(int(i) for i in kept)
+    where = {i: k for k, i in enumerate(positions)}
+    return [where.get(offset + i) for i in range(n)]

@@ -25,6 +25,12 @@ PRIVATE = [
     ("jax._src.compilation_cache", "decompress_executable"),
     ("jaxlib.mlir._mlir_libs._jax_mlir_ext", "register_dialects"),
     ("jaxlib.mlir._mlir_libs._jax_mlir_ext", "inlined_func_call"),
+    # the JAX-lowering section (the sgdgen_step primitive)
+    ("jax.interpreters.mlir", "register_lowering"),
+    ("jax.interpreters.mlir", "merge_mlir_modules"),
+    ("jax.interpreters.mlir", "aval_to_ir_type"),
+    ("jax._src.interpreters.mlir", "lower_with_sharding_in_types"),
+    ("jax._src.dispatch", "apply_primitive"),
 ]
 
 
@@ -90,3 +96,21 @@ def test_missing_devices_name_the_flag() -> None:
 
     with pytest.raises(BackendError, match="xla_force_host_platform_device_count"):
         backend.devices_for([0, 4096])
+
+
+def test_lowering_context_and_compiled_program_fields_exist() -> None:
+    """The private fields the primitive's lowering and check_in_place read: the lowering context's
+    module, symbol table and axis context; a compiled program's kept arguments and hoisted constants."""
+    import jax
+    import jax.numpy as jnp
+    from jax._src.interpreters import mlir as mlir_internal
+
+    from sgdgen import backend
+
+    for field in ("module", "symbol_table", "axis_context", "context"):
+        assert field in mlir_internal.ModuleContext.__dataclass_fields__ or hasattr(
+            mlir_internal.ModuleContext, field), f"ModuleContext.{field} is gone: update sgdgen/backend.py"
+    compiled = jax.jit(lambda unused, a: a + 1, donate_argnums=1).lower(jnp.ones(3), jnp.ones(2)).compile()
+    assert hasattr(compiled._executable, "_kept_var_idx") and hasattr(compiled._params, "const_args")
+    assert backend.kept_argument_indices(compiled) == [None, 0]  # the unused argument was dropped
+    assert backend.input_output_aliases(compiled.runtime_executable()) == {0: 0}

@@ -1,0 +1,1 @@
+"""Adapters that put sgdgen's compiled step inside other frameworks' programs (jax.jit, jax.export)."""
