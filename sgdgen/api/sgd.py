@@ -186,7 +186,7 @@ class SGD:
     def add_variable_from_reference(self, model_variable: Variable, variable_name: str,
                                     initial_value: Any = None) -> Variable:
         """A slot with the model variable's shape, dtype and layout: "{name}/{variable_name}/{var}"."""
-        init = model_variable.numpy() if initial_value is None and variable_name == "average" else (
+        init = model_variable.value if initial_value is None and variable_name == "average" else (
             np.zeros(model_variable.shape, model_variable.dtype) if initial_value is None
             else np.asarray(initial_value, model_variable.dtype))
         role = {"m": "momentum", "average": "average"}.get(variable_name)
