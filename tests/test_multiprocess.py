@@ -187,5 +187,30 @@ def test_a_hung_peer_is_reported_as_a_failure(tmp_path: Path, monkeypatch: Any) 
     assert all(p.poll() is not None for p in started)  # nothing left running
 
 
+
+def test_a_variable_from_a_jax_array_owns_a_copy_made_on_the_devices() -> None:
+    """What several processes need of placement (a process cannot read other processes' shards,
+    so a jax.Array is copied device to device), checked here on 8 local devices: the variable
+    and the EMA slot built from it get buffers of their own, and donating them in a step leaves
+    the source array alive and unchanged."""
+    import jax
+    import numpy as np
+
+    import sgdgen
+
+    mesh = sgdgen.Mesh({"batch": 2, "model": 4})
+    layout = sgdgen.Layout(["batch", "model"], mesh)
+    source = jax.device_put(np.arange(32, dtype=np.float32).reshape(8, 4), layout.named_sharding())
+    v = sgdgen.Variable(source, layout=layout, name="copied")
+    opt = sgdgen.SGD(0.5, use_ema=True, mesh=mesh)
+    opt.apply_gradients([(np.ones((8, 4), np.float32), v)])
+    assert not source.is_deleted()
+    assert np.array_equal(np.asarray(source), np.arange(32, dtype=np.float32).reshape(8, 4))
+    assert np.array_equal(v.numpy(), np.asarray(source) - 0.5)
+    average = opt.variables[1]
+    assert average.name == "SGD/average/copied:0"
+    np.testing.assert_allclose(average.numpy(), 0.99 * np.asarray(source) + 0.01 * v.numpy(), rtol=1e-6)
+
+
 if __name__ == "__main__":
     worker(int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]))
