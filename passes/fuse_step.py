@@ -101,7 +101,6 @@ def _join_norms(main: ir.Operation) -> None:
         return
     # global_clipnorm: the partials feed a chain of adds; rebuild it as a balanced tree.
     adds = _partial_sum_chain(ops)
-    scalar_type = partials[0].type
     if adds:
         root = adds[-1]
         leaves = [v for a in adds for v in a.operands if _is_partial(v)]
@@ -115,17 +114,31 @@ def _join_norms(main: ir.Operation) -> None:
     if len(partials) == 1:
         partials[0].owner.attributes[NORMS] = ir.UnitAttr.get()
         return
-    # clipnorm: pack the partials into one vector and read each element back.
+    # clipnorm: pack the partials into one vector and read each element back. Variables of
+    # several dtypes have partials of several widths (f32 for 16-bit, f64 for f32): the vector
+    # takes the widest, and each partial converts to it and back (exact: a widening round trip).
     last = partials[-1].owner  # partials are in program order
+    wide = max((ir.RankedTensorType(p.type).element_type for p in partials), key=lambda t: ir.FloatType(t).width)
     with ir.InsertionPoint.after(last), last.location:
-        vec1 = ir.RankedTensorType.get([1], ir.RankedTensorType(scalar_type).element_type)
-        pieces = [stablehlo.reshape(vec1, p) for p in partials]
+        vec1 = ir.RankedTensorType.get([1], wide)
+        widened = [_convert(p, wide) for p in partials]
+        pieces = [stablehlo.reshape(vec1, w) for w in widened]
+        # the op that reads each partial itself (its convert, or the reshape) keeps reading it
+        readers = [(w if w != p else piece).owner.operation for p, w, piece in zip(partials, widened, pieces)]
         packed = stablehlo.concatenate(pieces, 0)
         packed.owner.attributes[NORMS] = ir.UnitAttr.get()
         for k, p in enumerate(partials):
             piece = stablehlo.slice(packed, [k], [k + 1], [1])
-            elem = stablehlo.reshape(scalar_type, piece)
-            p.replace_all_uses_except(elem, pieces[k].owner.operation)
+            elem = _convert(stablehlo.reshape(ir.RankedTensorType.get([], wide), piece),
+                            ir.RankedTensorType(p.type).element_type)
+            p.replace_all_uses_except(elem, readers[k])
+
+
+def _convert(value: ir.Value, element_type: ir.Type) -> ir.Value:
+    """`value` (a scalar) converted to `element_type`, or itself when it already has that type."""
+    if ir.RankedTensorType(value.type).element_type == element_type:
+        return value
+    return stablehlo.convert(ir.RankedTensorType.get([], element_type), value)
 
 
 def _partial_sum_chain(ops: list[ir.Operation]) -> list[ir.Operation]:

@@ -100,16 +100,18 @@ def shaped_array(shape: Sequence[int], dtype: Any) -> Any:
     return ShapedArray(tuple(shape), np.dtype(dtype))
 
 
-def device_put(value: Any, sharding: Any) -> Any:
+def device_put(value: Any, sharding: Any, *, copy: bool = False) -> Any:
     """`jax.device_put` that keeps 64-bit dtypes (iterations is int64, as in tf_keras).
 
     JAX truncates int64 to int32 unless x64 is on; the step's state must keep its
-    dtype, so the transfer runs with x64 enabled just for this call.
+    dtype, so the transfer runs with x64 enabled just for this call. With `copy`, a
+    jax.Array gets fresh buffers even where its sharding already matches (a donated
+    buffer must have one owner); this works where the array spans other processes.
     """
     import jax
 
     with jax.enable_x64(True):
-        return jax.device_put(value, sharding)
+        return jax.device_put(value, sharding, may_alias=False if copy else None)
 
 
 def buffer_pointers(array: Any) -> tuple[int, ...]:

@@ -617,6 +617,53 @@ class SGD:
         opt.build(variables)
         return opt
 
+    # ---- checkpoints (orbax) ------------------------------------------------------------
+    def save_checkpoint(self, directory: Any, step: int | None = None, **extra: Any) -> int:
+        """Saves variables, momenta, EMA averages and `iterations`, with their shardings, and the
+        config, as checkpoint `step` (default: the current `iterations`) under `directory`, a path
+        or an `orbax.checkpoint.CheckpointManager`; `extra` items (`ocp.args.StandardSave(...)`)
+        are saved in the same step. Atomic (orbax renames a finished temporary directory).
+        In a multi-process run every process calls it. Returns the step."""
+        from sgdgen.io import checkpoint
+
+        if not self._built:
+            raise RuntimeError("build the optimizer (opt.build(variables)) before saving a checkpoint")
+        tree = checkpoint.state_tree(self._iterations.value, [v.value for v in self._tracked],
+                                     [m.value for m in self._momenta], [a.value for a in self._averages])
+        specs = [checkpoint.spec(v._shared_name, v.shape, v.dtype, v.layout) for v in self._tracked]
+        step = int(self._iterations.numpy()) if step is None else step
+        return checkpoint.save(directory, step, tree, checkpoint.metadata(self.get_config(), specs), extra=extra)
+
+    def restore_checkpoint(self, directory: Any, step: int | None = None, **extra: Any) -> dict[str, Any]:
+        """Restores a checkpoint (default: the newest complete step) into this built optimizer and
+        its variables, resharded to their current layouts (any mesh). Refuses, changing nothing,
+        when a variable's name, shape or dtype or `use_ema` differs. The config is not changed
+        (`SGD.from_config(checkpoint.read_metadata(d)["config"])` recreates the saved one).
+        Returns the `extra` items restored with the given `ocp.args` restore args."""
+        import jax
+
+        from sgdgen.io import checkpoint
+
+        if not self._built:
+            raise RuntimeError("build the optimizer on its variables (opt.build(variables)) before restoring "
+                               "a checkpoint into it")
+        owners = [self._iterations, *self._tracked, *self._momenta, *self._averages]
+
+        def abstract(v: Variable) -> Any:
+            return jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.layout.named_sharding())
+
+        target = checkpoint.state_tree(abstract(self._iterations), [abstract(v) for v in self._tracked],
+                                       [abstract(m) for m in self._momenta], [abstract(a) for a in self._averages])
+        specs = [checkpoint.spec(v._shared_name, v.shape, v.dtype, v.layout) for v in self._tracked]
+        tree, _, restored = checkpoint.restore(
+            directory, step, target, extra=extra,
+            check=lambda meta: checkpoint.check_compatible(meta, specs, self._config.use_ema))
+        values = [tree["iterations"], *tree["variables"], *tree["momenta"], *tree["averages"]]
+        with self._lock:  # not between another thread's execute and its bind
+            for owner, value in zip(owners, values):
+                owner._bind(value)
+        return restored
+
 
 def _refuse_tracers(pairs: Sequence[tuple[Any, Any]]) -> None:
     """Refuses JAX tracers (apply_gradients called inside jax.jit, jax.grad, vmap...): the stateful

@@ -83,6 +83,10 @@ class Variable:
 
     # ---- the array ---------------------------------------------------------------------
     def _place(self, value: Any, dtype: np.dtype) -> Any:
+        """The variable's own buffer for `value`: a jax.Array is copied device to device (it may
+        span other processes, whose shards this one cannot read), anything else from the host."""
+        if hasattr(value, "sharding") and np.dtype(value.dtype) == dtype:
+            return backend.device_put(value, self.layout.named_sharding(), copy=True)
         arr = np.array(value, dtype=dtype, copy=True)  # a fresh host copy: the variable owns its buffer
         return backend.device_put(arr, self.layout.named_sharding())
 
