@@ -27,6 +27,7 @@ import numpy as np
 from sgdgen import backend
 from sgdgen.api.variable import Variable, substituted
 from sgdgen.codegen.abi import StepState, slot_name
+from sgdgen.dtypes import COUNTER_ELEMENT_TYPES
 from sgdgen.errors import StepInputError, StepTypeError, UnknownVariableError
 from sgdgen.frontend import schedules
 from sgdgen.frontend.config import SGDConfig
@@ -43,7 +44,7 @@ _NOT_SETTABLE = ("This optimizer was created with a `LearningRateSchedule` objec
 
 _NOT_BUILT = ("You are calling `set_weights()` on an optimizer that has not yet been built. Please call "
               "`optimizer.build(trainable_variables)` to create the optimizer weights before calling `set_weights()`.")
-_COUNTER_DTYPES = (np.dtype(np.int64), np.dtype(np.int32))
+_COUNTER_DTYPES = tuple(np.dtype(n) for n in COUNTER_ELEMENT_TYPES)  # int32 or int64 `iterations`
 
 
 def _unique_names(names: Sequence[str]) -> list[str]:
@@ -584,8 +585,9 @@ class SGD:
             self.apply_gradients(self.compute_gradients(loss, var_list, tape))
 
     # ---- artifacts ---------------------------------------------------------------------
-    def save_artifact(self, path: Any) -> Any:
-        """Writes the compiled step for the built variables (see `sgdgen.io.artifact`)."""
+    def save_artifact(self, path: Any, *, platforms: Sequence[str] | None = None) -> Any:
+        """Writes the compiled step for the built variables (see `sgdgen.io.artifact`); `platforms`:
+        what its `step.jaxexport` is lowered for (default this machine's platform, () for none)."""
         from sgdgen.io import artifact
 
         if not self._built:
@@ -596,7 +598,7 @@ class SGD:
                              "step and cannot be stored in an artifact; use a float or one of "
                              f"{', '.join(schedules.SCHEDULES)}")
         program = self._program(self._tracked, self._config, self._decay_flags(self._tracked))
-        return artifact.write(program, path)
+        return artifact.write(program, path, platforms=platforms)
 
     @classmethod
     def load_artifact(cls, path: Any, variables: Sequence[Variable], *, mesh: Any = None) -> SGD:

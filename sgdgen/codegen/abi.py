@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, NamedTuple
 
+from sgdgen.dtypes import mlir_element_type
 from sgdgen.frontend.spec import Layout, Mesh, VarSpec, tensor_type
 
 ROLES = ("iterations", "variable", "momentum", "average", "gradient", "learning_rate")
@@ -61,10 +62,7 @@ class Slot:
 
     @property
     def mlir_type(self) -> str:
-        from sgdgen.frontend.spec import MLIR_ELEMENT_TYPES
-
-        et = "i64" if self.dtype == "int64" else MLIR_ELEMENT_TYPES[self.dtype]
-        return tensor_type(self.shape, et)
+        return tensor_type(self.shape, mlir_element_type(self.dtype))
 
     def to_json(self) -> dict[str, Any]:
         return {"role": self.role, "var": self.var, "name": self.name, "shape": list(self.shape),

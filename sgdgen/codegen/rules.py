@@ -17,10 +17,9 @@ from typing import Any
 from sgdgen.codegen.abi import StepABI
 from sgdgen.codegen.schedule_params import render_schedule
 from sgdgen.codegen.templating import Builder, hex_literal
+from sgdgen.dtypes import WIDE  # the wide type that accumulates each element type's norms
 from sgdgen.frontend.spec import VarSpec, tensor_type
 
-#: The wide type that accumulates the norm of a variable of each element type (SEMANTICS §6).
-WIDE = {"f16": "f32", "bf16": "f32", "f32": "f64", "f64": "f64"}
 
 
 def class_suffix(v: VarSpec) -> str:

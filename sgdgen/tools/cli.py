@@ -134,8 +134,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
     program = _load_program(args)
     _ensure_devices(program.mesh.size)
     out = Path(args.output)
+    platforms = None if args.platforms is None else [p for p in args.platforms.split(",") if p.strip()]
     try:
-        artifact.write(program, out)
+        artifact.write(program, out, platforms=platforms)
     except artifact.ArtifactError as e:  # a target it must not replace (a file, a symlink, not an artifact)
         raise UsageError(f"-o {out}: {e}") from e
     except RuntimeError as e:  # e.g. the mesh needs more devices than this process has
@@ -252,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="write an artifact directory (step.mlir, step.mlirbc, manifest, executable)")
     _add_step_args(p)
     p.add_argument("-o", "--output", required=True, help="artifact directory to write")
+    p.add_argument("--platforms", default=None,
+                   help="comma-separated platforms step.jaxexport is lowered for, e.g. cpu,cuda,tpu "
+                        "(default: this machine's; an empty string: no jax.export module)")
     p.set_defaults(func=cmd_compile)
     p = sub.add_parser("inspect", help="verify an artifact and summarise it (exit 1 if it does not verify)")
     p.add_argument("artifact", help="artifact directory")
