@@ -294,24 +294,20 @@ def test_refuses_bad_json_manifest(art_copy: Path) -> None:
     assert "manifest.json" in msg and "corrupt manifest" in msg and "rewrite" in msg
 
 
-@pytest.mark.parametrize("version", [0, FORMAT_VERSION + 1, "2", None, True, 2.0])
-def test_refuses_format_out_of_range(art_copy: Path, version: Any) -> None:
+@pytest.mark.parametrize("field,label,window,version", [
+    *[("format_version", "format", (MIN_FORMAT_VERSION, FORMAT_VERSION), v)
+      for v in (0, FORMAT_VERSION + 1, "2", None, True, 2.0)],
+    *[("calling_convention_version", "calling-convention", (MIN_CALLING_CONVENTION_VERSION, CALLING_CONVENTION_VERSION), v)
+      for v in (0, CALLING_CONVENTION_VERSION + 1, True, "1")],
+])
+def test_refuses_versions_out_of_range(art_copy: Path, field: str, label: str, window: tuple[int, int],
+                                       version: Any) -> None:
     m = manifest(art_copy)
-    m["format_version"] = version
+    m[field] = version
     write_manifest(art_copy, m)
     msg = refused(art_copy)
-    assert f"format version {version!r}" in msg
-    assert f"{MIN_FORMAT_VERSION}..{FORMAT_VERSION}" in msg and "recompile" in msg
-
-
-@pytest.mark.parametrize("version", [0, CALLING_CONVENTION_VERSION + 1, True, "1"])
-def test_refuses_calling_convention_out_of_range(art_copy: Path, version: Any) -> None:
-    m = manifest(art_copy)
-    m["calling_convention_version"] = version
-    write_manifest(art_copy, m)
-    msg = refused(art_copy)
-    assert f"calling-convention version {version!r}" in msg
-    assert f"{MIN_CALLING_CONVENTION_VERSION}..{CALLING_CONVENTION_VERSION}" in msg and "recompile" in msg
+    assert f"{label} version {version!r}" in msg
+    assert f"{window[0]}..{window[1]}" in msg and "recompile" in msg
 
 
 def test_format1_schema_version_true_is_not_1(tmp_path: Path) -> None:
