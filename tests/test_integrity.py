@@ -173,6 +173,7 @@ def test_sigint_at_random_times_never_loses_the_state(private_xla_cache) -> None
         print("ready", flush=True)
         while len(checks) < {interrupts}:
             try:
+                print("armed", flush=True)  # inside the try: a SIGINT from now on is caught below
                 while True:
                     opt.apply_gradients(zip(grads(vs), vs))
                     done += 1
@@ -190,6 +191,7 @@ def test_sigint_at_random_times_never_loses_the_state(private_xla_cache) -> None
     try:
         assert child.stdout.readline().strip() == "ready", child.stderr.read()[-3000:]
         for _ in range(interrupts):
+            assert child.stdout.readline().strip() == "armed", child.stderr.read()[-3000:]
             time.sleep(rng.uniform(0.0, 0.05))
             child.send_signal(signal.SIGINT)
             assert child.stdout.readline().strip() == "checked", child.stderr.read()[-3000:]
