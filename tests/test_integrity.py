@@ -195,7 +195,10 @@ def test_sigint_at_random_times_never_loses_the_state(private_xla_cache) -> None
             time.sleep(rng.uniform(0.0, 0.05))
             child.send_signal(signal.SIGINT)
             assert child.stdout.readline().strip() == "checked", child.stderr.read()[-3000:]
-        out, err = child.communicate(timeout=240)
+        # not communicate(): it reads the raw pipe, and the JSON line may already sit in
+        # child.stdout's buffer (read ahead with the last "checked"). The child's output is small.
+        child.wait(timeout=240)
+        out, err = child.stdout.read(), child.stderr.read()
     finally:
         child.kill() if child.poll() is None else None
     assert child.returncode == 0, err[-3000:]
