@@ -284,18 +284,31 @@ def contenders(model: Model, art_dir: str) -> tuple[dict[str, Contender], dict[s
 
 # ---- measurement ----------------------------------------------------------------------
 
-def interleaved(steps: dict[str, Callable[[], None]], rounds: int, per_round: int) -> dict[str, list[float]]:
+def interleaved(steps: dict[str, Callable[[], None]], rounds: int, per_round: int | dict[str, int]
+                ) -> dict[str, list[float]]:
     """ms per step of each function, one figure per round; each round runs every function
-    `per_round` times, starting from a different one each round."""
+    `per_round` times (or `per_round[name]`), starting from a different one each round."""
     names = list(steps)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         for n in names[r % len(names):] + names[:r % len(names)]:
+            reps = per_round[n] if isinstance(per_round, dict) else per_round
             t0 = time.perf_counter()
-            for _ in range(per_round):
+            for _ in range(reps):
                 steps[n]()
-            times[n].append((time.perf_counter() - t0) * 1e3 / per_round)
+            times[n].append((time.perf_counter() - t0) * 1e3 / reps)
     return times
+
+
+def _repeats(steps: dict[str, Callable[[], None]], per_round: int, slow_s: float = 0.2) -> dict[str, int]:
+    """`per_round` for each function, 1 for one whose (warm) step takes over `slow_s` seconds
+    (torch's fused CPU SGD on hundreds of tensors), so that it does not dominate the run."""
+    reps = {}
+    for n, f in steps.items():
+        t0 = time.perf_counter()
+        f()
+        reps[n] = 1 if time.perf_counter() - t0 > slow_s else per_round
+    return reps
 
 
 def summary(ms: list[float]) -> dict[str, float]:
@@ -339,7 +352,8 @@ def bench_model(model: Model, *, rounds: int, per_round: int) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory() as art_dir:
         found, skipped = contenders(model, art_dir)
-        times = interleaved({n: c.step for n, c in found.items()}, rounds, per_round)
+        steps = {n: c.step for n, c in found.items()}
+        times = interleaved(steps, rounds, _repeats(steps, per_round))
     stats = {n: summary(t) for n, t in times.items()}
     bound = stats["bound"]["median_ms"]
     peers = [stats[p]["median_ms"] for p in PEERS if p in stats]
