@@ -68,6 +68,9 @@ def test_quick_json_has_every_model_contender_and_measurement(quick_run: tuple[d
     cold = result["cold_start"]
     for mode in ("compile", "load", "optax"):
         assert 0 < cold[mode]["first_step_s"] < cold[mode]["process_s"]
+    sc = result["scale"]
+    assert len(sc["variables"]) == len(sc["stage0_s"]) == len(sc["passes_s"]) >= 3
+    assert math.isfinite(sc["stage0_exponent"]) and math.isfinite(sc["passes_exponent"])
     program = result["program"]
     assert {"strict", "excess_allowed", "saved_ms"} <= set(program["excess_precision"])
     assert {"float64", "float32_blocked", "float32"} <= set(program["norm_sum"])
@@ -75,7 +78,9 @@ def test_quick_json_has_every_model_contender_and_measurement(quick_run: tuple[d
 
 def test_quick_json_numbers_are_finite_and_not_negative(quick_run: tuple[dict[str, Any], Path]) -> None:
     result, _ = quick_run
-    numbers = _numbers({k: v for k, v in result.items() if k != "program"})
+    # a difference (saved_ms) and a fitted exponent may have either sign
+    numbers = _numbers({k: v for k, v in result.items() if k not in ("program", "scale")})
+    numbers += _numbers({k: v for k, v in result["scale"].items() if not k.endswith("_exponent")})
     assert numbers
     bad = [(p, v) for p, v in numbers if not math.isfinite(v) or v < 0]
     assert not bad

@@ -14,14 +14,16 @@ order), so machine load hits them alike; the report is the median over rounds an
 - torch `SGD(foreach=True)` and `SGD(fused=True)`, each with a foreach global-norm clip and
   a foreach EMA (when torch is installed; CPU tensors);
 - the bound: an in-place read-modify-write of the same bytes under `jax.jit` with donation
-  (read parameter, momentum, average and gradient, write the first three: 28 B per float32
-  parameter). A global norm needs one more read of the gradients before the update can
-  start, so a two-pass step's floor is 32/28 = 1.14x this bound.
+  (parameter, momentum and average each updated from the gradient: 28 B per float32
+  parameter at least; XLA CPU runs it as three loop fusions that each read the gradient,
+  36 B by its own count). A global norm needs one more read of the gradients before the
+  update can start.
 
 Beside the timings: bytes each XLA program accesses per parameter (XLA's cost analysis),
 the step's compiled memory (temporaries against the state it updates), all-reduce counts,
 cold start in new processes, and two program-level measurements (excess precision on a
-float32 step; the float64 norm sum against float32 partial sums). The 2x4-mesh model runs
+float32 step; the float64 norm sum against float32 partial sums), and how the stages before
+XLA scale with the number of variables. The 2x4-mesh model runs
 in a subprocess with 8 simulated CPU devices.
 """
 
@@ -461,6 +463,35 @@ def norm_sum(model: Model, *, rounds: int, per_round: int, block: int = 1024) ->
     return out
 
 
+def scale(sizes: tuple[int, ...]) -> dict[str, Any]:
+    """Seconds of each stage before XLA (stage-0 text, the pass pipeline) at each number of
+    variables (mixed small shapes, CONFIG, one device), and the exponent k of a least-squares
+    fit of seconds ~ N^k over the sizes (issue 15 wants every stage linear: k ~ 1)."""
+    from sgdgen.api.sgd import SGD
+    from sgdgen.frontend.spec import Mesh, VarSpec
+    from sgdgen.runtime.program import StepProgram
+
+    small = [(160, 160), (256,), (64, 96), (96,)]
+    config = SGD(**CONFIG).config
+    mesh = Mesh(())
+    rows: dict[str, list[float]] = {"stage0_s": [], "passes_s": []}
+    _ = StepProgram(config, (VarSpec.create("w", [4], "float32", mesh),), mesh).lowered_text  # templates, MLIR
+    for n in sizes:
+        specs = tuple(VarSpec.create(f"v{i}", small[i % 4], "float32", mesh) for i in range(n))
+        program = StepProgram(config, specs, mesh)
+        t0 = time.perf_counter()
+        _ = program.stage0_text
+        t1 = time.perf_counter()
+        _ = program.lowered_text
+        rows["stage0_s"].append(t1 - t0)
+        rows["passes_s"].append(time.perf_counter() - t1)
+    logn = np.log(np.asarray(sizes, float))
+    out: dict[str, Any] = {"variables": list(sizes), **rows}
+    for stage, secs in rows.items():
+        out[stage.replace("_s", "_exponent")] = float(np.polyfit(logn, np.log(secs), 1)[0])
+    return out
+
+
 # ---- cold start (new processes) -------------------------------------------------------
 
 def cold_start_child(mode: str, model: Model, art_dir: str) -> dict[str, float]:
@@ -581,6 +612,10 @@ def _run(quick: bool, rounds: int | None, per_round: int | None, only: list[str]
         few = all_models["few-large"]
         result["program"] = {"excess_precision": excess_precision(few, rounds=rounds, per_round=per_round),
                              "norm_sum": norm_sum(few, rounds=rounds, per_round=per_round)}
+    if not only or "scale" in only:
+        sizes = (50, 100, 200) if quick else (400, 1600, 6400)
+        log(f"scale: stages before XLA at {sizes} variables")
+        result["scale"] = scale(sizes)
     if not only or "cold" in only:
         log("cold start (new processes)")
         result["cold_start"] = cold_start(all_models["many-small"], quick, 1 if quick else 3)
@@ -620,6 +655,12 @@ def notes(result: dict[str, Any]) -> list[str]:
                    f"compile/optax {cold['compile_over_optax']:.2f}x (target <= 1: "
                    f"{_verdict(cold['compile_over_optax'] <= 1)}); whole process: load {cold['load']['process_s']:.2f} s, "
                    f"compile {cold['compile']['process_s']:.2f} s, optax {cold['optax']['process_s']:.2f} s")
+    sc = result.get("scale")
+    if sc:
+        out.append(f"scale ({sc['variables'][0]}-{sc['variables'][-1]} variables): stage-0 " + "/".join(
+            f"{x:.2f}" for x in sc["stage0_s"]) + " s, passes " + "/".join(f"{x:.2f}" for x in sc["passes_s"])
+            + f" s; fitted exponent stage-0 {sc['stage0_exponent']:.2f}, passes {sc['passes_exponent']:.2f} "
+            f"(target ~1: {_verdict(max(sc['stage0_exponent'], sc['passes_exponent']) <= 1.15)})")
     prog = result.get("program")
     if prog:
         ep, ns = prog["excess_precision"], prog["norm_sum"]
@@ -653,6 +694,19 @@ def table(result: dict[str, Any]) -> Any:
     return t
 
 
+def markdown(result: dict[str, Any]) -> str:
+    """The table of `table` as Markdown (for README.md): median ms (x bound) per contender."""
+    head = ["model"] + list(COLUMNS)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in result["models"].items():
+        cells = [f"{name} ({m['variables']} vars, {m['parameters'] / 1e6:.1f}M, {m['mesh']})"]
+        for c in COLUMNS:
+            s = m["contenders"].get(c)
+            cells.append("-" if s is None else f"{s['median_ms']:.2f} ({s['x_bound']:.2f}x)")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(result: dict[str, Any], path: str | os.PathLike[str]) -> None:
     """Bars of each contender's median step time over the bound's, per model (PNG)."""
     import matplotlib
@@ -663,13 +717,16 @@ def plot(result: dict[str, Any], path: str | os.PathLike[str]) -> None:
     names = list(result["models"])
     fig, ax = plt.subplots(figsize=(11, 4.5))
     width = 0.8 / len(COLUMNS)
+    colors = plt.get_cmap("tab10").colors
     for k, c in enumerate(COLUMNS):
         xs = [i + k * width for i, n in enumerate(names) if c in result["models"][n]["contenders"]]
         ys = [result["models"][n]["contenders"][c]["x_bound"] for n in names if c in result["models"][n]["contenders"]]
-        ax.bar(xs, ys, width, label=c)
+        if xs:
+            ax.bar(xs, ys, width, label=c, color=colors[k % len(colors)])
     ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_yscale("log")
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names)
-    ax.set_ylabel("step time / bound (lower is better)")
+    ax.set_ylabel("step time / bound (log scale, lower is better)")
     ax.set_title(f"{result['command']} - {result['machine']['cpu']}, {result['machine']['cores']} cores")
     ax.legend(ncol=4, fontsize=8)
     fig.tight_layout()

@@ -210,7 +210,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     only = [x.strip() for x in args.only.split(",") if x.strip()] if args.only else None
     result = benchmark.run(quick=args.quick, rounds=args.rounds, per_round=args.steps, only=only,
                            log=lambda s: console.print(f"[dim]{s}[/dim]"))
-    console.print(benchmark.table(result))
+    if args.markdown:
+        console.print(benchmark.markdown(result), markup=False, highlight=False)
+    else:
+        console.print(benchmark.table(result))
     for note in benchmark.notes(result):
         console.print(note)
     if args.plot:
@@ -265,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="steps per contender per round (default 5; 2 with --quick)")
     p.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
                    help="write the results as JSON to FILE (stdout when FILE is omitted; the table then goes to stderr)")
+    p.add_argument("--markdown", action="store_true", help="print the table as Markdown (as in README.md)")
     p.add_argument("--only", default=None, metavar="NAMES",
                    help="comma-separated parts to run: model names, 'program', 'cold' (default: all)")
     p.add_argument("--plot", default=None, metavar="PNG", help="write a bar plot (x bound per model) to this file")
