@@ -488,25 +488,26 @@ def test_every_flag_has_help_text() -> None:
 
 
 def test_bench_leaves_no_cache_warnings_and_restores_the_cache() -> None:
-    """The bench's cold-start caches live in a scratch directory until JAX's cache settings are put
-    back; compiles after it (optax's, the copy kernel's, the user's next jit) write nowhere stale."""
+    """The bench runs on a private, memory-only executable cache and puts the process-wide one
+    back; it writes no cache anywhere, so it warns about none, and JAX's config is untouched."""
     import warnings
 
     import jax
     import jax.numpy as jnp
 
+    from sgdgen.runtime.cache import default_cache
     from sgdgen.tools import benchmark
 
     keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
             "jax_persistent_cache_min_entry_size_bytes")
     before = {k: getattr(jax.config, k) for k in keys}
-    env_before = os.environ.get("SGDGEN_CACHE_DIR")
+    cache_before = default_cache()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        rows = benchmark.run({"tiny": [(8, 4), (4,)]}, steps=2)
+        result = benchmark.run(quick=True, rounds=1, per_round=1, only=["few-large"])
         jax.jit(lambda x: x * 3.0 + 1.0)(jnp.arange(5.0)).block_until_ready()  # a compile after the bench
-    assert len(rows) == 1 and rows[0].variables == 2
-    cache_warnings = [str(w.message) for w in caught if "compilation cache" in str(w.message)]
+    assert list(result["models"]) == ["few-large"]
+    cache_warnings = [str(w.message) for w in caught if "cache" in str(w.message)]
     assert not cache_warnings, cache_warnings[:2]
     assert {k: getattr(jax.config, k) for k in keys} == before
-    assert os.environ.get("SGDGEN_CACHE_DIR") == env_before
+    assert default_cache() is cache_before

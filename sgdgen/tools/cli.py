@@ -206,23 +206,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    """Runs sgdgen.tools.benchmark; the table goes to stdout, or to stderr when the JSON does."""
     import os
-    import platform
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    from rich.console import Console
+
     from sgdgen.tools import benchmark
 
-    models = benchmark.MODELS
-    if args.quick:
-        models = dict(list(models.items())[:2])
-    rows = benchmark.run(models, steps=args.steps)
-    import jax
-
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}, "
-          f"device {jax.devices()[0].device_kind}; command: sgdgen bench" + (" --quick" if args.quick else ""))
-    print(benchmark.table(rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps(benchmark.as_dicts(rows), indent=2))
+    to_stdout = args.json == "-"
+    console = Console(stderr=to_stdout, width=220)
+    only = [x.strip() for x in args.only.split(",") if x.strip()] if args.only else None
+    result = benchmark.run(quick=args.quick, rounds=args.rounds, per_round=args.steps, only=only,
+                           log=lambda s: console.print(f"[dim]{s}[/dim]"))
+    if args.markdown:
+        console.print(benchmark.markdown(result), markup=False, highlight=False)
+    else:
+        console.print(benchmark.table(result))
+    for note in benchmark.notes(result):
+        console.print(note)
+    if args.plot:
+        benchmark.plot(result, args.plot)
+    text = json.dumps(result, indent=1)
+    if to_stdout:
+        print(text)
+    elif args.json:
+        Path(args.json).write_text(text + "\n")
     return 0
 
 
@@ -274,11 +284,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="epochs to train, 16 steps each (default: 8)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (the per-epoch loss is still printed)")
     p.set_defaults(func=cmd_demo)
-    p = sub.add_parser("bench", help="time the step against optax and the memory-bandwidth bound")
-    p.add_argument("--steps", type=int, default=30, metavar="N", help="steps per timing, the median is reported "
-                                                                       "(default: 30)")
-    p.add_argument("--quick", action="store_true", help="the two small models only")
-    p.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON to FILE")
+    p = sub.add_parser("bench", help="time the step against optax, Keras 3, torch and the memory bound")
+    p.add_argument("--quick", action="store_true", help="CI-sized models and rounds (under a minute)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 9; 3 with --quick)")
+    p.add_argument("--steps", type=int, default=None, help="steps per contender per round (default 5; 2 with --quick)")
+    p.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
+                   help="write the results as JSON to FILE (stdout when FILE is omitted; the table then goes to stderr)")
+    p.add_argument("--markdown", action="store_true", help="print the table as Markdown (as in README.md)")
+    p.add_argument("--only", default=None, metavar="NAMES",
+                   help="comma-separated parts to run: model names, 'program', 'cold' (default: all)")
+    p.add_argument("--plot", default=None, metavar="PNG", help="write a bar plot (x bound per model) to this file")
     p.set_defaults(func=cmd_bench)
     return parser
 
