@@ -160,7 +160,7 @@ def emit_clipping(s: Step) -> None:
 
 
 def emit_nonfinite_count(s: Step) -> None:
-    """§4.1a (skip_nonfinite): the number of non-finite elements of the gradients as given (before
+    """numerics.md §2a (skip_nonfinite): the number of non-finite elements of the gradients as given (before
     clipping), one f32 partial per variable summed in a chain (sgd-fuse-step folds them into the
     norms value, so one all_reduce carries both). Counting in f32 rounds above 2^24 elements,
     but a sum of non-negative terms is 0 only when every term is: the decision is exact."""
@@ -210,7 +210,7 @@ def emit_counter(s: Step) -> None:
 
 
 def emit_skip(s: Step) -> None:
-    """§4.12 (skip_nonfinite): on a skipped step every variable, slot and average keeps its value
+    """numerics.md §2a (skip_nonfinite): on a skipped step every variable, slot and average keeps its value
     (a select the elementwise chain fuses), and the skipped-step counter counts it (saturating)."""
     if s.skip is None:
         return
