@@ -107,6 +107,9 @@ class SGD:
         variables' mesh.
       weight_decay, clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum,
       ema_overwrite_frequency: the modern flat arguments (keyword only).
+      skip_nonfinite: keyword only, default False (tf_keras: NaN/Inf propagate). True skips
+        every step whose gradients hold a NaN or an Inf, decided inside the program: nothing
+        changes but `skipped_steps` (`iterations` too stays; docs/numerics.md §2a).
 
     Note: Keras 3 calls a callable learning rate at every read; tf_keras, and sgdgen, once.
     """
@@ -118,6 +121,7 @@ class SGD:
                                         ema_option, jit_compile, name, **kwargs)
         self._mesh = Mesh.of(mesh) if mesh is not None else None
         self._iterations = Variable(np.int64(0), name="iteration", mesh=self._mesh, dtype=np.int64)
+        self._skipped = Variable(np.int64(0), name="skipped_steps", mesh=self._mesh, dtype=np.int64)
         self._check_schedule(self._config.learning_rate)
         self._name_scope: str | None = None  # set by apply_gradients while it builds (tf_keras' name_scope)
         self._constraints: dict[tuple[Any, Any], Any] = {}  # (constraint, sharding) -> jitted function
@@ -193,6 +197,13 @@ class SGD:
         `variables`. An int32 counter is widened to int64 for the step and narrowed back after
         it, so it wraps to -2**31 after 2**31 - 1 steps, as TF's int32 `assign_add` does."""
         return self._iterations
+
+    @property
+    def skipped_steps(self) -> Variable:
+        """How many steps `skip_nonfinite=True` skipped because a gradient held a NaN or an Inf
+        (replicated int64, saturating at 2**63 - 1); stays 0 without skip_nonfinite. Not one of
+        `variables` (tf_keras' weight list is unchanged)."""
+        return self._skipped
 
     @iterations.setter
     def iterations(self, variable: Any) -> None:
@@ -298,6 +309,10 @@ class SGD:
             it = self._iterations
             self._iterations = Variable(it.numpy(), name=it._shared_name, layout=Layout.replicated(mesh, 0),
                                         dtype=it.dtype)
+        if self._skipped.mesh != mesh:
+            sk = self._skipped
+            self._skipped = Variable(sk.numpy(), name=sk._shared_name, layout=Layout.replicated(mesh, 0),
+                                     dtype=sk.dtype)
         for k, v in enumerate(var_list):
             self._index[v._unique_id] = k
         self._tracked = var_list
@@ -515,13 +530,16 @@ class SGD:
             averages = [self._averages[k] for k in idx] if config.use_ema else []
             narrow = it.dtype != np.int64  # an int32 counter: the program reads int64 (see `iterations`)
             counter = self._counter(it.value, np.int64, it) if narrow else it.value
-            state = StepState(counter, tuple(m.value for m in momenta), tuple(a.value for a in averages))
+            skipped = self._skipped if config.skip_nonfinite else None
+            state = StepState(counter, tuple(m.value for m in momenta), tuple(a.value for a in averages),
+                              skipped.value if skipped is not None else None)
             # The inputs are donated by the step: from execute to the last bind, Ctrl-C waits (16.5).
             with uninterruptible():
                 params, new = step.apply(state, [v.value for v in variables], grads, lr)
                 counter = self._counter(new.iterations, it.dtype, it) if narrow else new.iterations
-                for owner, value in zip([it, *variables, *momenta, *averages],
-                                        [counter, *params, *new.momenta, *new.averages]):
+                owners = [it, *variables, *momenta, *averages, *([skipped] if skipped is not None else [])]
+                values = [counter, *params, *new.momenta, *new.averages, *([new.skipped] if skipped is not None else [])]
+                for owner, value in zip(owners, values, strict=True):
                     owner._bind(value)
 
     @staticmethod
@@ -536,7 +554,8 @@ class SGD:
         self.build([variable]) if not self._built else self._slot_index(variable)
         g = self._place_gradient(gradient, variable)
         core = dataclasses.replace(self._config, learning_rate=float(self.learning_rate), clipnorm=None,
-                                   clipvalue=None, global_clipnorm=None, weight_decay=None, use_ema=False)
+                                   clipvalue=None, global_clipnorm=None, weight_decay=None, use_ema=False,
+                                   skip_nonfinite=False)
         scratch = Variable(np.int64(0), name="update_step_counter", layout=Layout.replicated(self.mesh, 0),
                            dtype=np.int64)
         self._run([variable], [g], core, [False], np.float32(core.learning_rate), iterations=scratch)

@@ -185,6 +185,7 @@ class SGDConfig:
     ema_overwrite_frequency: int | None = None
     jit_compile: bool = False
     amsgrad: bool = False
+    skip_nonfinite: bool = False
 
     @classmethod
     def create(
@@ -205,6 +206,7 @@ class SGDConfig:
         use_ema: Any = _UNSET,
         ema_momentum: Any = _UNSET,
         ema_overwrite_frequency: Any = _UNSET,
+        skip_nonfinite: Any = False,
         **kwargs: Any,
     ) -> SGDConfig:
         """Merge, validate (in tf_keras' order, §2) and freeze the SGD constructor arguments."""
@@ -258,6 +260,7 @@ class SGDConfig:
         _finite("momentum", momentum)  # NaN passes the range check above
         nesterov = _flag("nesterov", nesterov)
         jit_compile = _flag("jit_compile", jit_compile)
+        skip_nonfinite = _flag("skip_nonfinite", skip_nonfinite)
         if _flag("amsgrad", amsgrad):
             warnings.warn("`amsgrad` has no effect on SGD; it is accepted for compatibility.",
                           UserWarning, stacklevel=2)
@@ -265,7 +268,7 @@ class SGDConfig:
             name=name, learning_rate=lr, momentum=momentum, nesterov=nesterov,
             weight_decay=weight_decay, use_ema=use_ema, ema_momentum=ema_momentum,
             ema_overwrite_frequency=frequency, jit_compile=jit_compile, amsgrad=amsgrad,
-            **clip,
+            skip_nonfinite=bool(skip_nonfinite), **clip,
         )
 
     def get_config(self) -> dict[str, Any]:
@@ -274,6 +277,8 @@ class SGDConfig:
         config = {k: getattr(self, k, None) for k in _CONFIG_KEYS}
         config["is_legacy_optimizer"] = False
         config["learning_rate"] = schedules.serialize(lr) if self.lr_is_schedule else float(lr)
+        if self.skip_nonfinite:  # sgdgen's own key, only when set: a default config stays tf_keras' dict
+            config["skip_nonfinite"] = True
         return config
 
     @classmethod
