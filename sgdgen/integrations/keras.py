@@ -118,7 +118,7 @@ class SGD(keras.optimizers.Optimizer):
         if self.sgd_config.use_ema:
             self.averages = list(self._model_variables_moving_average)
             for average, v in zip(self.averages, variables):
-                average.assign(v.value)  # tf_keras: the average starts as a copy of the variable
+                average.assign(jax.numpy.array(v.value, copy=True))  # tf_keras: a copy (own buffer) of the variable
         order = {v.path: i for i, v in enumerate(variables)}
         excluded = [f"^{re.escape(v.path)}$" for v in variables if not self._use_weight_decay(v)]
         self._leaf_index = jax.tree_util.tree_leaves(order)  # the step's leaf order (sorted paths)
