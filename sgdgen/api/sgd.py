@@ -650,7 +650,8 @@ class SGD:
         if not self._built:
             raise RuntimeError("build the optimizer (opt.build(variables)) before saving a checkpoint")
         tree = checkpoint.state_tree(self._iterations.value, [v.value for v in self._tracked],
-                                     [m.value for m in self._momenta], [a.value for a in self._averages])
+                                     [m.value for m in self._momenta], [a.value for a in self._averages],
+                                     self._skipped.value if self._config.skip_nonfinite else None)
         specs = [checkpoint.spec(v._shared_name, v.shape, v.dtype, v.layout) for v in self._tracked]
         step = int(self._iterations.numpy()) if step is None else step
         return checkpoint.save(directory, step, tree, checkpoint.metadata(self.get_config(), specs), extra=extra)
@@ -673,13 +674,19 @@ class SGD:
         def abstract(v: Variable) -> Any:
             return jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.layout.named_sharding())
 
+        keeps_skipped = self._config.skip_nonfinite
         target = checkpoint.state_tree(abstract(self._iterations), [abstract(v) for v in self._tracked],
-                                       [abstract(m) for m in self._momenta], [abstract(a) for a in self._averages])
+                                       [abstract(m) for m in self._momenta], [abstract(a) for a in self._averages],
+                                       abstract(self._skipped) if keeps_skipped else None)
         specs = [checkpoint.spec(v._shared_name, v.shape, v.dtype, v.layout) for v in self._tracked]
         tree, _, restored = checkpoint.restore(
             directory, step, target, extra=extra,
             check=lambda meta: checkpoint.check_compatible(meta, specs, self._config.use_ema))
         values = [tree["iterations"], *tree["variables"], *tree["momenta"], *tree["averages"]]
+        if keeps_skipped:  # a checkpoint written without skip_nonfinite counted no skipped steps
+            owners.append(self._skipped)
+            values.append(tree["skipped"] if "skipped" in tree else
+                          backend.device_put(np.int64(0), self._skipped.layout.named_sharding()))
         with self._lock:  # not between another thread's execute and its bind
             for owner, value in zip(owners, values):
                 owner._bind(value)
