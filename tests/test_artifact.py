@@ -242,7 +242,7 @@ def test_load_runs_the_same_numbers(written: Path, fresh_result: list[np.ndarray
 def test_write_without_executable(prog: StepProgram, tmp_path: Path, fresh_result: list[np.ndarray]) -> None:
     out = artifact.write(prog, tmp_path / "noexe", executable=False)
     m = manifest(out)
-    assert m["executables"] == {} and set(m["files"]) == {"step.mlir", "step.mlirbc"}
+    assert m["executables"] == {} and set(m["files"]) == {"step.mlir", "step.mlirbc", "step.jaxexport"}
     art = artifact.read(out)
     with pytest.warns(UserWarning, match=r"no executable for .*step\.mlirbc"):
         step = art.executable()
@@ -904,8 +904,9 @@ _KILL_CHILD = textwrap.dedent("""
     print("done", flush=True)
 """)
 
-#: the writer's events: before each of the 4 files (manifest last), before and after the rename
-_KILL_POINTS = range(1, 7)
+#: the writer's events: before each of the 5 files (step.mlir, step.mlirbc, the executable,
+#: step.jaxexport, the manifest last), before and after the rename
+_KILL_POINTS = range(1, 8)
 
 
 def test_sigkill_mid_save_leaves_the_old_or_the_new_artifact(tmp_path: Path) -> None:
@@ -944,7 +945,7 @@ def test_sigkill_mid_save_leaves_the_old_or_the_new_artifact(tmp_path: Path) -> 
                 assert left.name.startswith(".step.incomplete-"), left
                 with pytest.raises(ArtifactError, match="interrupted save"):  # a leftover never loads
                     artifact.read(left)
-    assert seen == [0.9] * 5 + [0.5]
+    assert seen == [0.9] * 6 + [0.5]
 
 
 def test_enospc_half_way_leaves_the_old_artifact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
