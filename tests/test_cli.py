@@ -245,7 +245,7 @@ def compiled(inputs: dict[str, str], env: dict[str, str], tmp_path_factory: pyte
 
 def test_compile_writes_an_artifact(compiled: Path) -> None:
     m = json.loads((compiled / "manifest.json").read_text())
-    assert set(m["files"]) == {"step.mlir", "step.mlirbc", "executable-cpu.bin"}
+    assert set(m["files"]) == {"step.mlir", "step.mlirbc", "executable-cpu.bin", "step.jaxexport"}
     assert {p.name for p in compiled.iterdir()} == set(m["files"]) | {"manifest.json"}
     # a variable given without a layout is written out replicated
     assert m["variables"] == [{**v, "layout": v.get("layout", ["unsharded"] * len(v["shape"]))} for v in VARS]

@@ -241,6 +241,7 @@ def write(program: StepProgram, path: str | os.PathLike[str], *, executable: boo
     `jax.export.Exported`) is lowered for; default this process's platform, `()` for none."""
     out = Path(path)
     _check_target(out)
+    backend.devices_for(program.mesh.device_ids)  # the mesh's devices exist (a clear error, before any work)
     text = program.lowered_text.encode()
     files: dict[str, bytes] = {"step.mlir": text}
     files["step.mlirbc"], target = _portable(program.lowered_text)
