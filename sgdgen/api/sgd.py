@@ -26,7 +26,8 @@ import numpy as np
 
 from sgdgen import backend
 from sgdgen.api.variable import Variable, substituted
-from sgdgen.codegen.abi import StepState, slot_name
+from sgdgen.codegen.abi import Slot, StepState, slot_name
+from sgdgen.frontend.zero import pad
 from sgdgen.errors import StepInputError, StepTypeError, UnknownVariableError
 from sgdgen.frontend import schedules
 from sgdgen.frontend.config import SGDConfig
@@ -253,7 +254,7 @@ class SGD:
         return var
 
     def _slot(self, model_variable: Variable, variable_name: str, scope: str | None,
-              shape: Sequence[int] | None = None, initial_value: Any = None) -> Variable:
+              shape: Sequence[int] | None = None, initial_value: Any = None, slot: Slot | None = None) -> Variable:
         role = {"m": "momentum", "average": "average"}.get(variable_name)
         if scope and role:
             name = slot_name(scope, role, model_variable._shared_name)
@@ -270,6 +271,10 @@ class SGD:
                                  f"initial_value has shape {list(np.shape(init))}, expected {list(shape)}")
         layout = (model_variable.layout if shape == model_variable.shape
                   else Layout.replicated(model_variable.mesh, len(shape)))
+        if slot is not None and slot.plan is not None:  # weight-update sharding: the ABI's own slot layout
+            var = Variable(pad(slot.plan, np.asarray(init, dt)), name=name, layout=slot.layout, dtype=dt)
+            var._plan = slot.plan
+            return var
         return Variable(init, name=name, layout=layout, dtype=dt)
 
     def exclude_from_weight_decay(self, var_list: Iterable[Variable] | None = None,
@@ -301,9 +306,11 @@ class SGD:
             self._index[v._unique_id] = k
         self._tracked = var_list
         scope = self._name_scope or self.name  # tf_keras: the scope apply_gradients opens (a direct build: ours)
+        abi = self._step(var_list, self._config, self._decay_flags(var_list), mesh).program.abi
         if self._config.use_ema:
-            self._averages = [self._slot(v, "average", scope, initial_value=v) for v in var_list]
-        self._momenta = [self._slot(v, "m", scope) for v in var_list]
+            self._averages = [self._slot(v, "average", scope, initial_value=v, slot=abi.slot("average", i))
+                              for i, v in enumerate(var_list)]
+        self._momenta = [self._slot(v, "m", scope, slot=abi.slot("momentum", i)) for i, v in enumerate(var_list)]
         self._built = True
 
     def _common_mesh(self, var_list: Sequence[Variable]) -> Mesh:

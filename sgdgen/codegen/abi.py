@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, NamedTuple
 
+from sgdgen.errors import ConfigError
 from sgdgen.frontend.spec import Layout, Mesh, VarSpec, tensor_type
+from sgdgen.frontend.zero import ShardPlan, shard_plan
 
 ROLES = ("iterations", "variable", "momentum", "average", "gradient", "learning_rate")
 #: Roles whose buffers the step updates in place (donated arguments, aliased results).
@@ -58,6 +60,9 @@ class Slot:
     shape: tuple[int, ...]
     dtype: str
     layout: Layout
+    #: for a slot whose layout differs from its variable's (weight-update sharding): how it is
+    #: divided and padded (`sgdgen.frontend.zero`); None where it is laid out like the variable
+    plan: ShardPlan | None = None
 
     @property
     def mlir_type(self) -> str:
@@ -83,25 +88,45 @@ class StepABI:
         """The calling convention of the step of `config` (an SGDConfig) over `variables`:
         EMA averages when `use_ema`, a learning-rate argument unless it is a schedule."""
         return cls.create(variables, mesh, use_ema=config.use_ema, lr_input=not config.lr_is_schedule,
-                          optimizer_name=config.name)
+                          optimizer_name=config.name, shard_update_over=getattr(config, "shard_update_over", None))
 
     @classmethod
     def create(cls, variables: Sequence[VarSpec], mesh: Mesh, *, use_ema: bool, lr_input: bool,
-               optimizer_name: str = "SGD") -> StepABI:
+               optimizer_name: str = "SGD", shard_update_over: str | None = None) -> StepABI:
+        """`shard_update_over`: a mesh axis over which the slots of variables replicated over it
+        are sharded (`sgdgen.frontend.zero`; they get their own, possibly padded, shape and layout)."""
         scalar = Layout.replicated(mesh, 0)
+        if shard_update_over is not None and shard_update_over not in mesh.shape:
+            raise ConfigError(f"shard_update_over={shard_update_over!r} is not an axis of the mesh {mesh} (axes "
+                              f"{list(mesh.axis_names)}); name its data-parallel axis")
+
+        def slot(role: str, i: int, v: VarSpec) -> Slot:
+            name = slot_name(optimizer_name, role, v.name)
+            plan = shard_plan(v.shape, v.layout.dims, mesh.shape, shard_update_over) if shard_update_over else None
+            if plan is None:
+                return Slot(role, i, name, v.shape, v.dtype, v.layout)
+            return Slot(role, i, name, plan.slot_shape, v.dtype, Layout(plan.slot_dims, mesh), plan)
+
         state = [Slot("iterations", None, "iteration", (), "int64", scalar)]
         state += [Slot("variable", i, v.name, v.shape, v.dtype, v.layout) for i, v in enumerate(variables)]
-        state += [Slot("momentum", i, slot_name(optimizer_name, "momentum", v.name), v.shape, v.dtype, v.layout)
-                  for i, v in enumerate(variables)]
+        state += [slot("momentum", i, v) for i, v in enumerate(variables)]
         if use_ema:
-            state += [Slot("average", i, slot_name(optimizer_name, "average", v.name), v.shape, v.dtype, v.layout)
-                      for i, v in enumerate(variables)]
+            state += [slot("average", i, v) for i, v in enumerate(variables)]
         inputs = list(state)
         inputs += [Slot("gradient", i, f"gradient/{v.name}", v.shape, v.dtype, v.layout)
                    for i, v in enumerate(variables)]
         if lr_input:
             inputs.append(Slot("learning_rate", None, "learning_rate", (), "float32", scalar))
         return cls(tuple(inputs), tuple(state))
+
+    @cached_property
+    def shard_update_over(self) -> str | None:
+        """The axis the weight update is sharded over (some slot is divided over it), else None."""
+        return next((s.plan.axis for s in self.outputs if s.plan is not None), None)
+
+    def slot(self, role: str, var: int) -> Slot:
+        """The state slot (argument) of `role` ("momentum" / "average") for variable `var`."""
+        return self.inputs[self.index(role, var)]
 
     @cached_property
     def num_variables(self) -> int:
