@@ -26,7 +26,7 @@ import numpy as np
 
 from sgdgen import backend
 from sgdgen.api.variable import Variable, substituted
-from sgdgen.codegen.abi import Slot, StepState, slot_name
+from sgdgen.codegen.abi import Slot, StepABI, StepState, slot_name
 from sgdgen.frontend.zero import pad
 from sgdgen.errors import StepInputError, StepTypeError, UnknownVariableError
 from sgdgen.frontend import schedules
@@ -306,7 +306,8 @@ class SGD:
             self._index[v._unique_id] = k
         self._tracked = var_list
         scope = self._name_scope or self.name  # tf_keras: the scope apply_gradients opens (a direct build: ours)
-        abi = self._step(var_list, self._config, self._decay_flags(var_list), mesh).program.abi
+        # the slots' own layouts (weight-update sharding) come from the calling convention
+        abi = StepABI.for_config(self._specs(var_list, self._decay_flags(var_list)), mesh, self._config)
         if self._config.use_ema:
             self._averages = [self._slot(v, "average", scope, initial_value=v, slot=abi.slot("average", i))
                               for i, v in enumerate(var_list)]
@@ -498,11 +499,16 @@ class SGD:
         key = (tuple(v._unique_id for v in variables), tuple(decay), signature)
         step = self._steps.get(key)
         if step is None:
-            names = _unique_names([v._shared_name for v in variables])
-            specs = tuple(VarSpec(n, v.shape, canonical_dtype(v.dtype), v.layout, d)
-                          for n, v, d in zip(names, variables, decay))
+            specs = self._specs(variables, decay)
             step = self._steps[key] = Step(StepProgram(signature, specs, mesh if mesh is not None else self.mesh))
         return step
+
+    @staticmethod
+    def _specs(variables: Sequence[Variable], decay: Sequence[bool]) -> tuple[VarSpec, ...]:
+        """The variables as the step sees them (unique names, `_unique_names`)."""
+        names = _unique_names([v._shared_name for v in variables])
+        return tuple(VarSpec(n, v.shape, canonical_dtype(v.dtype), v.layout, d)
+                     for n, v, d in zip(names, variables, decay))
 
     def _program(self, variables: Sequence[Variable], config: SGDConfig, decay: Sequence[bool]) -> StepProgram:
         """The program with the config as it is (a float learning rate included: artifacts record it)."""
