@@ -12,6 +12,9 @@ STAGE = "sgdgen.stage"
 SCHEDULE = "sgdgen.schedule"
 #: On an op inside @main (set by sgd-fuse-step): it produces one variable's share of a norm.
 NORM_PARTIAL = "sgdgen.norm_partial"
+#: On a norm partial op that counts non-finite gradient elements (skip_nonfinite; set by sgd-fuse-step
+#: beside NORM_PARTIAL: masked and all-reduced as one, but summed apart from the norms).
+NONFINITE = "sgdgen.nonfinite"
 #: On the one op (set by sgd-fuse-step) whose value joins every norm partial of the step.
 NORMS = "sgdgen.norms"
 #: On @main: its first N arguments are state, updated into results 0..N-1.
@@ -25,9 +28,11 @@ ALIASING_OUTPUT = "tf.aliasing_output"
 
 #: The stage a norm partial has: sgd-fuse-step tags what such a function computes.
 NORM_PARTIAL_STAGE = "norm_partial"
+#: The stage of a non-finite count: a norm partial too, tagged NONFINITE as well.
+NONFINITE_STAGE = "nonfinite_count"
 #: Every value of `sgdgen.stage` a template may set.
 STAGES = frozenset({
-    "learning_rate", "overwrite_due", NORM_PARTIAL_STAGE, "global_norm_scale", "global_clip_apply", "clip_norm",
+    "learning_rate", "overwrite_due", NORM_PARTIAL_STAGE, NONFINITE_STAGE, "global_norm_scale", "global_clip_apply", "clip_norm",
     "clip_value", "weight_decay", "update_plain", "update_momentum", "update_nesterov", "ema", "ema_overwrite",
 })
 

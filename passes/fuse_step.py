@@ -8,7 +8,10 @@ into one value tagged `sgdgen.norms`:
 - global_clipnorm: the per-variable l2_loss partials are summed in a balanced tree
   (a scalar);
 - clipnorm: the per-variable partials are packed into one vector, each clip reading
-  its own element back.
+  its own element back;
+- skip_nonfinite: the per-variable non-finite counts (`sgdgen.nonfinite` partials) are
+  summed like the global norm, and the count joins the norm in one vector (alone it is
+  the joined value);
 
 so that `sgd-insert-collectives` reduces all norms of the step with one all_reduce.
 
@@ -41,7 +44,7 @@ from jaxlib.mlir.dialects import stablehlo
 
 from sgdgen import backend
 from sgdgen.passes import register
-from sgdgen.passes.attrs import NORM_PARTIAL as PARTIAL, NORM_PARTIAL_STAGE, NORMS, STAGE
+from sgdgen.passes.attrs import NONFINITE, NONFINITE_STAGE, NORM_PARTIAL as PARTIAL, NORM_PARTIAL_STAGE, NORMS, STAGE
 from sgdgen.passes.common import PassError, body_ops, find_functions, find_main, guarded, module_of, string_attr
 
 NAME = "sgd-fuse-step"
@@ -67,11 +70,14 @@ def _inline_calls(main: ir.Operation, functions: dict[str, ir.Operation]) -> set
                                 callee)
         with ir.InsertionPoint(op), op.location:
             new_values = backend.inlined_func_call(callee, op.operands)
-        if string_attr(callee, STAGE) == NORM_PARTIAL_STAGE:
+        stage = string_attr(callee, STAGE)
+        if stage in (NORM_PARTIAL_STAGE, NONFINITE_STAGE):
             for v in new_values:
                 if isinstance(v.owner, ir.Block):
                     raise PassError(f"norm partial @{callee_name} returns its argument; it must compute a value", callee)
                 v.owner.attributes[PARTIAL] = ir.UnitAttr.get()
+                if stage == NONFINITE_STAGE:
+                    v.owner.attributes[NONFINITE] = ir.UnitAttr.get()
         for old, new in zip(op.results, new_values):
             old.replace_all_uses_with(new)
         op.erase()
@@ -79,8 +85,10 @@ def _inline_calls(main: ir.Operation, functions: dict[str, ir.Operation]) -> set
     return inlined
 
 
-def _is_partial(v: ir.Value) -> bool:
-    return not isinstance(v.owner, ir.Block) and PARTIAL in v.owner.attributes
+def _is_partial(v: ir.Value, nonfinite: bool = False) -> bool:
+    """`v` is a norm partial (`nonfinite`: a non-finite count; else a norm's share)."""
+    return (not isinstance(v.owner, ir.Block) and PARTIAL in v.owner.attributes
+            and (NONFINITE in v.owner.attributes) == nonfinite)
 
 
 def _balanced_sum(values: list[ir.Value]) -> ir.Value:
@@ -93,41 +101,48 @@ def _balanced_sum(values: list[ir.Value]) -> ir.Value:
     return values[0]
 
 
-def _join_norms(main: ir.Operation) -> None:
-    """Builds the one value that carries all norm partials of the step."""
+def _sum_of(main: ir.Operation, nonfinite: bool) -> list[ir.Value]:
+    """The values one kind of partial contributes to the joined norms: the chain of adds that
+    sums them (global_clipnorm's norm, the non-finite counts) rebuilt as a balanced tree, one
+    scalar; or, when no add sums them (clipnorm), the partials themselves."""
     ops = body_ops(main)
-    partials = [op.result for op in ops if PARTIAL in op.attributes]
-    if not partials:
+    partials = [op.result for op in ops if PARTIAL in op.attributes and _is_partial(op.result, nonfinite)]
+    adds = _partial_sum_chain(ops, nonfinite)
+    if not adds:
+        return partials
+    root = adds[-1]
+    leaves = [v for a in adds for v in a.operands if _is_partial(v, nonfinite)]
+    with ir.InsertionPoint(root), root.location:
+        total = _balanced_sum(leaves)
+    root.result.replace_all_uses_with(total)
+    for a in reversed(adds):
+        a.erase()
+    return [total]
+
+
+def _join_norms(main: ir.Operation) -> None:
+    """Builds the one value that carries all norm partials of the step (and the non-finite count)."""
+    elements = _sum_of(main, nonfinite=False) + _sum_of(main, nonfinite=True)
+    if not elements:
         return
-    # global_clipnorm: the partials feed a chain of adds; rebuild it as a balanced tree.
-    adds = _partial_sum_chain(ops)
-    if adds:
-        root = adds[-1]
-        leaves = [v for a in adds for v in a.operands if _is_partial(v)]
-        with ir.InsertionPoint(root), root.location:
-            total = _balanced_sum(leaves)
-        root.result.replace_all_uses_with(total)
-        for a in reversed(adds):
-            a.erase()
-        total.owner.attributes[NORMS] = ir.UnitAttr.get()
+    if len(elements) == 1:
+        elements[0].owner.attributes[NORMS] = ir.UnitAttr.get()
         return
-    if len(partials) == 1:
-        partials[0].owner.attributes[NORMS] = ir.UnitAttr.get()
-        return
-    # clipnorm: pack the partials into one vector and read each element back. Variables of
-    # several dtypes have partials of several widths (f32 for 16-bit, f64 for f32): the vector
-    # takes the widest, and each partial converts to it and back (exact: a widening round trip).
-    last = partials[-1].owner  # partials are in program order
-    wide = max((ir.RankedTensorType(p.type).element_type for p in partials), key=lambda t: ir.FloatType(t).width)
+    # Several scalars (clipnorm's partials, a norm and a count): pack them into one vector and
+    # read each element back. Scalars of several widths (f32 for 16-bit, f64 for f32): the vector
+    # takes the widest, and each converts to it and back (exact: a widening round trip).
+    order = {op: k for k, op in enumerate(body_ops(main))}
+    last = max((e.owner.operation for e in elements), key=order.__getitem__)
+    wide = max((ir.RankedTensorType(p.type).element_type for p in elements), key=lambda t: ir.FloatType(t).width)
     with ir.InsertionPoint.after(last), last.location:
         vec1 = ir.RankedTensorType.get([1], wide)
-        widened = [_convert(p, wide) for p in partials]
+        widened = [_convert(p, wide) for p in elements]
         pieces = [stablehlo.reshape(vec1, w) for w in widened]
-        # the op that reads each partial itself (its convert, or the reshape) keeps reading it
-        readers = [(w if w != p else piece).owner.operation for p, w, piece in zip(partials, widened, pieces)]
+        # the op that reads each element itself (its convert, or the reshape) keeps reading it
+        readers = [(w if w != p else piece).owner.operation for p, w, piece in zip(elements, widened, pieces)]
         packed = stablehlo.concatenate(pieces, 0)
         packed.owner.attributes[NORMS] = ir.UnitAttr.get()
-        for k, p in enumerate(partials):
+        for k, p in enumerate(elements):
             piece = stablehlo.slice(packed, [k], [k + 1], [1])
             elem = _convert(stablehlo.reshape(ir.RankedTensorType.get([], wide), piece),
                             ir.RankedTensorType(p.type).element_type)
@@ -141,15 +156,15 @@ def _convert(value: ir.Value, element_type: ir.Type) -> ir.Value:
     return stablehlo.convert(ir.RankedTensorType.get([], element_type), value)
 
 
-def _partial_sum_chain(ops: list[ir.Operation]) -> list[ir.Operation]:
-    """The adds (in program order) that only sum norm partials and each other (a set for
+def _partial_sum_chain(ops: list[ir.Operation], nonfinite: bool) -> list[ir.Operation]:
+    """The adds (in program order) that only sum partials of one kind and each other (a set for
     membership: the chain has one add per variable)."""
     members: list[ir.Operation] = []
     seen: set[ir.Operation] = set()
     for op in ops:
         if op.name != "stablehlo.add":
             continue
-        if all(_is_partial(v) or (not isinstance(v.owner, ir.Block) and v.owner.operation in seen)
+        if all(_is_partial(v, nonfinite) or (not isinstance(v.owner, ir.Block) and v.owner.operation in seen)
                for v in op.operands):
             members.append(op)
             seen.add(op)

@@ -24,7 +24,7 @@ from sgdgen.passes.common import PassError, arg_attrs, body_ops, find_main, symb
 ELEMENTWISE = {
     f"stablehlo.{n}" for n in (
         "add subtract multiply divide remainder negate abs sqrt rsqrt maximum minimum power floor ceil "
-        "exponential log cosine sine tanh convert compare select clamp and or not xor sign round_nearest_even"
+        "exponential log cosine sine tanh convert compare select clamp and or not xor sign round_nearest_even is_finite"
     ).split()
 }
 SCALAR_ONLY = {"stablehlo.reshape", "stablehlo.concatenate", "stablehlo.slice", "stablehlo.partition_id",

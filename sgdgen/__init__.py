@@ -26,5 +26,22 @@ from sgdgen.integrations.jax import JaxStep, check_in_place, jax_step
 _sys.modules.setdefault("sgdgen.schedules", schedules)
 
 
+#: Integrations that import a third-party library, loaded on first access (`sgdgen.keras`,
+#: `sgdgen.optax`): `import sgdgen` must not import keras or optax.
+_LAZY = {"keras": "sgdgen.integrations.keras", "optax": "sgdgen.integrations.optax"}
+
+
+def __getattr__(name: str):
+    """`sgdgen.keras` / `sgdgen.optax`: import the integration module on first access."""
+    if name in _LAZY:
+        import importlib
+
+        module = importlib.import_module(_LAZY[name])
+        _sys.modules.setdefault(f"sgdgen.{name}", module)
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'sgdgen' has no attribute {name!r}")
+
+
 __all__ = ["EMAOption", "GradientsClipOption", "JaxStep", "Layout", "Mesh", "SGD", "SGDConfig", "SpecError", "VarSpec",
            "Variable", "__version__", "check_in_place", "jax_step", "schedules"]

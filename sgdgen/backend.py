@@ -49,8 +49,13 @@ def devices_for(device_ids: Sequence[int]) -> list[Any]:
     return [by_id[i] for i in device_ids]
 
 
-def compile_options(devices: Sequence[Any]) -> Any:
-    """XLA compile options for one SPMD program over `devices` (partitions, no replicas)."""
+def compile_options(devices: Sequence[Any], *, strict_precision: bool = True) -> Any:
+    """XLA compile options for one SPMD program over `devices` (partitions, no replicas).
+
+    `strict_precision` turns XLA's excess precision off, so that every op rounds in the
+    variable's dtype (SEMANTICS §6): needed for bfloat16/float16 chains, which XLA CPU
+    otherwise computes in float32. A program of 32/64-bit variables only passes False: its
+    HLO is the same, and the float32 code XLA generates with it is faster (bench/README.md)."""
     from jax._src import compiler, xla_bridge
 
     opts = compiler.get_compile_options(
@@ -60,19 +65,20 @@ def compile_options(devices: Sequence[Any]) -> Any:
         backend=xla_bridge.get_backend(),
     )
     opts.executable_build_options.use_spmd_partitioning = True
-    # Every op rounds in the variable's dtype (SEMANTICS §6): no float32 excess precision
-    # for bfloat16/float16 chains.
-    opts.env_option_overrides = [("xla_allow_excess_precision", False)]
+    if strict_precision:
+        opts.env_option_overrides = [("xla_allow_excess_precision", False)]
     return opts
 
 
-def compile_text(text: str, devices: Sequence[Any]) -> Any:
-    """Compiles a StableHLO module (text) into a loaded executable on `devices`."""
+def compile_text(text: str, devices: Sequence[Any], *, strict_precision: bool = True) -> Any:
+    """Compiles a StableHLO module (text) into a loaded executable on `devices` (see
+    `compile_options` for `strict_precision`)."""
     from jax._src import xla_bridge
     from jax._src.lib import _jax as xc
 
     client = xla_bridge.get_backend()
-    return client.compile_and_load(text, xc.DeviceList(tuple(devices)), compile_options(devices))
+    return client.compile_and_load(text, xc.DeviceList(tuple(devices)),
+                                   compile_options(devices, strict_precision=strict_precision))
 
 
 def execute(executable: Any, args: Sequence[Any], out_shardings: Sequence[Any], out_avals: Sequence[Any]) -> list[Any]:
@@ -166,12 +172,13 @@ def memory_stats(executable: Any) -> dict[str, int]:
                                             "generated_code_size_in_bytes")}
 
 
-def cache_key_material(devices: Sequence[Any]) -> bytes:
+def cache_key_material(devices: Sequence[Any], *, strict_precision: bool = True) -> bytes:
     """Everything besides the module text that decides a compiled executable: the serialized
-    compile options (device assignment included), the platform and its version, jaxlib's version."""
+    compile options (device assignment and precision included), the platform and its version,
+    jaxlib's version."""
     fp = platform_fingerprint()
     ids = ",".join(f"{d.platform}:{d.id}" for d in devices)
-    return b"\0".join([compile_options(devices).SerializeAsString(), ids.encode(),
+    return b"\0".join([compile_options(devices, strict_precision=strict_precision).SerializeAsString(), ids.encode(),
                         repr(sorted(fp.items())).encode()])
 
 

@@ -51,7 +51,10 @@ import numpy as np
 __all__ = [
     "SUPPORTED_DTYPES",
     "RefState",
+    "INT64_MAX",
+    "all_finite",
     "apply_gradients",
+    "increment",
     "build",
     "cast_T",
     "clip_by_global_norm",
@@ -176,13 +179,15 @@ class RefState:
 
     ``iterations`` is the number of completed ``apply_gradients`` calls; ``variables`` the model
     variables; ``momenta`` the ``m`` slot of each variable (always present, SEMANTICS §3);
-    ``averages`` the EMA slot of each variable, or None without EMA.
+    ``averages`` the EMA slot of each variable, or None without EMA; ``skipped`` the number of
+    calls skipped for a non-finite gradient (``skip_nonfinite``; stays 0 otherwise).
     """
 
     iterations: int
     variables: list[np.ndarray]
     momenta: list[np.ndarray]
     averages: list[np.ndarray] | None
+    skipped: int = 0
 
     def copy(self) -> RefState:
         """A deep copy: no array is shared with ``self``."""
@@ -191,6 +196,7 @@ class RefState:
             variables=[np.array(v, copy=True) for v in self.variables],
             momenta=[np.array(m, copy=True) for m in self.momenta],
             averages=None if self.averages is None else [np.array(a, copy=True) for a in self.averages],
+            skipped=int(self.skipped),
         )
 
 
@@ -391,6 +397,20 @@ def ema_overwrite(iterations: int, frequency: int | None) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
+#: The int64 counters (``iterations``, ``skipped``) stop here instead of wrapping (§2 step 8).
+INT64_MAX = 2**63 - 1
+
+
+def increment(counter: int) -> int:
+    """``counter + 1``, saturating at INT64_MAX (the program's int64 counter never wraps negative)."""
+    return int(counter) + (int(counter) != INT64_MAX)
+
+
+def all_finite(grads: Sequence[np.ndarray]) -> bool:
+    """Whether every element of every gradient is finite (no NaN, no +-Inf)."""
+    return all(bool(np.all(np.isfinite(np.asarray(g, dtype=np.float64)))) for g in grads)
+
+
 def apply_gradients(
     config: Any,
     state: RefState,
@@ -416,7 +436,10 @@ def apply_gradients(
     9. if ``use_ema``: ``avg = ema_update(avg, var, ema_momentum)`` for each present variable.
     10. if ``use_ema`` and ``(it + 1) % ema_overwrite_every == 0``: ``var = copy(avg)`` for each
         present variable (a copy, not a swap).
-    11. ``iterations += 1``.
+    11. ``iterations += 1``, saturating at INT64_MAX (:func:`increment`).
+
+    With ``skip_nonfinite``, after the checks of 1-4: when a present gradient holds a NaN or an
+    Inf, nothing of 5-11 happens; only ``skipped`` is incremented (optax ``apply_if_finite``).
 
     Each gradient must have its variable's dtype and shape (no cast, §6).
     """
@@ -464,6 +487,10 @@ def apply_gradients(
             raise ValueError(f"gradient {i} has shape {g.shape} but its variable has shape {v.shape}")
         gs.append(g)
 
+    if getattr(config, "skip_nonfinite", False) and not all_finite(gs):
+        new.skipped = increment(new.skipped)
+        return new
+
     gs = clip_gradients(config, gs)
 
     if config.weight_decay is not None:
@@ -484,7 +511,7 @@ def apply_gradients(
             for i in present:
                 new.variables[i] = np.array(new.averages[i], copy=True)
 
-    new.iterations = it + 1
+    new.iterations = increment(it)
     return new
 
 

@@ -29,3 +29,13 @@ def private_xla_cache(tmp_path_factory: pytest.TempPathFactory):
             yield path
         finally:
             set_default_cache(previous)
+
+
+@pytest.fixture(scope="module")
+def subprocess_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The environment of a child process of a test: 8 CPU devices, a private executable cache
+    for the module, quiet XLA logs."""
+    e = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    e.update(SGDGEN_CACHE_DIR=str(tmp_path_factory.mktemp("xla-cache")), JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=8", TF_CPP_MIN_LOG_LEVEL="1")
+    return e

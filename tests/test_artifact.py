@@ -242,7 +242,7 @@ def test_load_runs_the_same_numbers(written: Path, fresh_result: list[np.ndarray
 def test_write_without_executable(prog: StepProgram, tmp_path: Path, fresh_result: list[np.ndarray]) -> None:
     out = artifact.write(prog, tmp_path / "noexe", executable=False)
     m = manifest(out)
-    assert m["executables"] == {} and set(m["files"]) == {"step.mlir", "step.mlirbc"}
+    assert m["executables"] == {} and set(m["files"]) == {"step.mlir", "step.mlirbc", "step.jaxexport"}
     art = artifact.read(out)
     with pytest.warns(UserWarning, match=r"no executable for .*step\.mlirbc"):
         step = art.executable()
@@ -294,24 +294,20 @@ def test_refuses_bad_json_manifest(art_copy: Path) -> None:
     assert "manifest.json" in msg and "corrupt manifest" in msg and "rewrite" in msg
 
 
-@pytest.mark.parametrize("version", [0, FORMAT_VERSION + 1, "2", None, True, 2.0])
-def test_refuses_format_out_of_range(art_copy: Path, version: Any) -> None:
+@pytest.mark.parametrize("field,label,window,version", [
+    *[("format_version", "format", (MIN_FORMAT_VERSION, FORMAT_VERSION), v)
+      for v in (0, FORMAT_VERSION + 1, "2", None, True, 2.0)],
+    *[("calling_convention_version", "calling-convention", (MIN_CALLING_CONVENTION_VERSION, CALLING_CONVENTION_VERSION), v)
+      for v in (0, CALLING_CONVENTION_VERSION + 1, True, "1")],
+])
+def test_refuses_versions_out_of_range(art_copy: Path, field: str, label: str, window: tuple[int, int],
+                                       version: Any) -> None:
     m = manifest(art_copy)
-    m["format_version"] = version
+    m[field] = version
     write_manifest(art_copy, m)
     msg = refused(art_copy)
-    assert f"format version {version!r}" in msg
-    assert f"{MIN_FORMAT_VERSION}..{FORMAT_VERSION}" in msg and "recompile" in msg
-
-
-@pytest.mark.parametrize("version", [0, CALLING_CONVENTION_VERSION + 1, True, "1"])
-def test_refuses_calling_convention_out_of_range(art_copy: Path, version: Any) -> None:
-    m = manifest(art_copy)
-    m["calling_convention_version"] = version
-    write_manifest(art_copy, m)
-    msg = refused(art_copy)
-    assert f"calling-convention version {version!r}" in msg
-    assert f"{MIN_CALLING_CONVENTION_VERSION}..{CALLING_CONVENTION_VERSION}" in msg and "recompile" in msg
+    assert f"{label} version {version!r}" in msg
+    assert f"{window[0]}..{window[1]}" in msg and "recompile" in msg
 
 
 def test_format1_schema_version_true_is_not_1(tmp_path: Path) -> None:
@@ -908,8 +904,9 @@ _KILL_CHILD = textwrap.dedent("""
     print("done", flush=True)
 """)
 
-#: the writer's events: before each of the 4 files (manifest last), before and after the rename
-_KILL_POINTS = range(1, 7)
+#: the writer's events: before each of the 5 files (step.mlir, step.mlirbc, the executable,
+#: step.jaxexport, the manifest last), before and after the rename
+_KILL_POINTS = range(1, 8)
 
 
 def test_sigkill_mid_save_leaves_the_old_or_the_new_artifact(tmp_path: Path) -> None:
@@ -948,7 +945,7 @@ def test_sigkill_mid_save_leaves_the_old_or_the_new_artifact(tmp_path: Path) -> 
                 assert left.name.startswith(".step.incomplete-"), left
                 with pytest.raises(ArtifactError, match="interrupted save"):  # a leftover never loads
                     artifact.read(left)
-    assert seen == [0.9] * 5 + [0.5]
+    assert seen == [0.9] * 6 + [0.5]
 
 
 def test_enospc_half_way_leaves_the_old_artifact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

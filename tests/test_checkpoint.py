@@ -250,3 +250,28 @@ def test_a_writer_killed_mid_save_leaves_the_last_complete_checkpoint(tmp_path: 
     assert np.array_equal(w.numpy(), np.full((2048, 1024), -complete, np.float32))
     opt.save_checkpoint(directory, step=partial_step)  # the step that was cut off can be written again
     assert checkpoint.latest_step(directory) == partial_step
+
+
+def test_the_skipped_steps_counter_is_checkpointed(tmp_path: Path) -> None:
+    """With skip_nonfinite the counter of skipped steps is part of the state: saved, restored (on
+    another mesh), and 0 when restoring a checkpoint written without the option."""
+    opt, variables = make(MESH, skip_nonfinite=True)
+    train(opt, variables, range(2))
+    bad = grads(2)
+    bad[0][0, 0] = np.nan
+    opt.apply_gradients(zip(bad, variables))
+    assert int(opt.skipped_steps.numpy()) == 1
+    opt.save_checkpoint(tmp_path / "with", step=3)
+    again, vs2 = make(FLAT, seed=5, skip_nonfinite=True)
+    again.restore_checkpoint(tmp_path / "with")
+    assert int(again.skipped_steps.numpy()) == 1 and bits(again, vs2) == bits(opt, variables)
+    plain, vs3 = make(MESH)
+    train(plain, vs3, range(2))
+    plain.save_checkpoint(tmp_path / "without", step=2)
+    into, vs4 = make(ONE, seed=6, skip_nonfinite=True)
+    into.apply_gradients(zip(bad, vs4))  # one skipped step before the restore
+    into.restore_checkpoint(tmp_path / "without")
+    assert int(into.skipped_steps.numpy()) == 0 and bits(into, vs4) == bits(plain, vs3)
+    back, vs5 = make(ONE, seed=7)  # a counter the target does not keep is read and dropped
+    back.restore_checkpoint(tmp_path / "with")
+    assert bits(back, vs5) == bits(opt, variables)

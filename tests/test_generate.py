@@ -29,11 +29,13 @@ RATES = [0.1, schedules.ExponentialDecay(0.1, 3, 0.5, staircase=True), schedules
          schedules.PolynomialDecay(0.1, 10, cycle=True), schedules.InverseTimeDecay(0.1, 3, 0.5),
          schedules.CosineDecay(0.1, 10, warmup_target=0.2, warmup_steps=3), schedules.CosineDecayRestarts(0.1, 5)]
 COMBINATIONS = list(itertools.product(CLIPS, UPDATES, DECAYS, EMAS, RATES))
+#: skip_nonfinite over every clip and EMA setting (the rule touches clipping, the state and the counter).
+SKIP_COMBINATIONS = [(clip, {"momentum": 0.9}, {}, ema, 0.1) for clip in CLIPS for ema in EMAS]
 
 
-def config_of(combo: tuple) -> SGDConfig:
+def config_of(combo: tuple, **extra: bool) -> SGDConfig:
     clip, update, decay, ema, lr = combo
-    return SGDConfig.create(learning_rate=lr, **clip, **update, **decay, **ema)
+    return SGDConfig.create(learning_rate=lr, **clip, **update, **decay, **ema, **extra)
 
 
 def test_every_option_combination_verifies() -> None:
@@ -54,10 +56,20 @@ def test_a_spread_of_combinations_lowers_to_one_partitioned_step(k: int) -> None
     assert text.count("tf.aliasing_output") == 1 + len(VARS) * (3 if config.use_ema else 2)
 
 
+@pytest.mark.parametrize("k", range(0, len(SKIP_COMBINATIONS), 2))
+def test_skip_nonfinite_lowers_to_one_step_with_one_all_reduce(k: int) -> None:
+    """The non-finite count rides in the norms' all_reduce, or is the one all_reduce without a norm."""
+    config = config_of(SKIP_COMBINATIONS[k], skip_nonfinite=True)
+    text = run_pipeline(generate_text(config, VARS, MESH))
+    assert text.count("sdy.manual_computation") == 1 and "func.call" not in text
+    assert text.count("stablehlo.all_reduce") == 1
+    assert text.count("tf.aliasing_output") == 2 + len(VARS) * (3 if config.use_ema else 2)
+
+
 def test_every_template_is_used_by_some_combination() -> None:
     used = set()
-    for combo in COMBINATIONS:
-        text = generate_text(config_of(combo), VARS, MESH)
+    for combo, extra in [*((c, {}) for c in COMBINATIONS), *((c, {"skip_nonfinite": True}) for c in SKIP_COMBINATIONS)]:
+        text = generate_text(config_of(combo, **extra), VARS, MESH)
         used |= {name for name in template_names() if f'sgdgen.stage = "{_stage(name)}"' in text}
     assert used == set(template_names()) - {"module"}
 

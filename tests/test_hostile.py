@@ -22,11 +22,8 @@ BINARY = b"module {}\n" + bytes(range(0x80, 0x100)) * 8
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    e = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
-    e.update(SGDGEN_CACHE_DIR=str(tmp_path_factory.mktemp("xla-cache")), JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=8", TF_CPP_MIN_LOG_LEVEL="1")
-    return e
+def env(subprocess_env: dict[str, str]) -> dict[str, str]:
+    return subprocess_env
 
 
 def run(module: str, args: list[str], env: dict[str, str], stdin: bytes | None = None,

@@ -142,8 +142,13 @@ def test_state_arrays_sharing_a_buffer_are_refused_before_anything_runs(private_
 
 def test_a_fed_back_state_is_not_asked_for_its_buffers_again(monkeypatch: pytest.MonkeyPatch) -> None:
     """The per-step cost: after the first step only the new gradients' shards are read (results
-    keep their donated arguments' buffers); the learning-rate argument is remembered too."""
+    keep their donated arguments' buffers); the learning-rate argument is remembered too. A cache
+    of its own: the executable's first call (which decides whether results inherit addresses)
+    must be this test's, not an earlier test's of the same program."""
     from sgdgen import backend
+    from sgdgen.runtime.cache import ExecutableCache
+
+    monkeypatch.setattr("sgdgen.runtime.cache._DEFAULT", ExecutableCache(None))
 
     vs = [sgdgen.Variable(np.ones((4, 8), np.float32), layout=Layout(["unsharded", "model"], MESH), name=f"v{i}")
           for i in range(3)]
@@ -173,6 +178,7 @@ def test_sigint_at_random_times_never_loses_the_state(private_xla_cache) -> None
         print("ready", flush=True)
         while len(checks) < {interrupts}:
             try:
+                print("armed", flush=True)  # inside the try: a SIGINT from now on is caught below
                 while True:
                     opt.apply_gradients(zip(grads(vs), vs))
                     done += 1
@@ -190,10 +196,14 @@ def test_sigint_at_random_times_never_loses_the_state(private_xla_cache) -> None
     try:
         assert child.stdout.readline().strip() == "ready", child.stderr.read()[-3000:]
         for _ in range(interrupts):
+            assert child.stdout.readline().strip() == "armed", child.stderr.read()[-3000:]
             time.sleep(rng.uniform(0.0, 0.05))
             child.send_signal(signal.SIGINT)
             assert child.stdout.readline().strip() == "checked", child.stderr.read()[-3000:]
-        out, err = child.communicate(timeout=240)
+        # not communicate(): it reads the raw pipe, and the JSON line may already sit in
+        # child.stdout's buffer (read ahead with the last "checked"). The child's output is small.
+        child.wait(timeout=240)
+        out, err = child.stdout.read(), child.stderr.read()
     finally:
         child.kill() if child.poll() is None else None
     assert child.returncode == 0, err[-3000:]

@@ -76,11 +76,22 @@ def test_cli_table_names_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
 # ---- what CI says it tested ------------------------------------------------------------------
 
 
-def _requirements() -> list[str]:
+def _requirements(*extras: str) -> list[str]:
+    """The dependencies and the `extras` (default: the test extra, what CI installs)."""
     import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    return list(project["dependencies"]) + [r for group in project["optional-dependencies"].values() for r in group]
+    return list(project["dependencies"]) + [r for e in (extras or ("test",)) for r in project["optional-dependencies"][e]]
+
+
+def test_every_optional_dependency_has_an_upper_bound() -> None:
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    groups = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for text in (r for group in groups.values() for r in group):
+        assert any(s.operator in ("<", "<=", "==", "~=") for s in Requirement(text).specifier), f"{text}: no upper bound"
 
 
 def test_every_dependency_has_a_tested_upper_bound_and_this_environment_is_inside() -> None:

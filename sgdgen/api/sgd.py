@@ -27,6 +27,7 @@ import numpy as np
 from sgdgen import backend
 from sgdgen.api.variable import Variable, substituted
 from sgdgen.codegen.abi import Slot, StepABI, StepState, slot_name
+from sgdgen.dtypes import COUNTER_ELEMENT_TYPES
 from sgdgen.frontend.zero import pad
 from sgdgen.errors import StepInputError, StepTypeError, UnknownVariableError
 from sgdgen.frontend import schedules
@@ -44,7 +45,7 @@ _NOT_SETTABLE = ("This optimizer was created with a `LearningRateSchedule` objec
 
 _NOT_BUILT = ("You are calling `set_weights()` on an optimizer that has not yet been built. Please call "
               "`optimizer.build(trainable_variables)` to create the optimizer weights before calling `set_weights()`.")
-_COUNTER_DTYPES = (np.dtype(np.int64), np.dtype(np.int32))
+_COUNTER_DTYPES = tuple(np.dtype(n) for n in COUNTER_ELEMENT_TYPES)  # int32 or int64 `iterations`
 
 
 def _unique_names(names: Sequence[str]) -> list[str]:
@@ -107,6 +108,9 @@ class SGD:
         variables' mesh.
       weight_decay, clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum,
       ema_overwrite_frequency: the modern flat arguments (keyword only).
+      skip_nonfinite: keyword only, default False (tf_keras: NaN/Inf propagate). True skips
+        every step whose gradients hold a NaN or an Inf, decided inside the program: nothing
+        changes but `skipped_steps` (`iterations` too stays; docs/numerics.md §2a).
 
     Note: Keras 3 calls a callable learning rate at every read; tf_keras, and sgdgen, once.
     """
@@ -118,6 +122,7 @@ class SGD:
                                         ema_option, jit_compile, name, **kwargs)
         self._mesh = Mesh.of(mesh) if mesh is not None else None
         self._iterations = Variable(np.int64(0), name="iteration", mesh=self._mesh, dtype=np.int64)
+        self._skipped = Variable(np.int64(0), name="skipped_steps", mesh=self._mesh, dtype=np.int64)
         self._check_schedule(self._config.learning_rate)
         self._name_scope: str | None = None  # set by apply_gradients while it builds (tf_keras' name_scope)
         self._constraints: dict[tuple[Any, Any], Any] = {}  # (constraint, sharding) -> jitted function
@@ -193,6 +198,13 @@ class SGD:
         `variables`. An int32 counter is widened to int64 for the step and narrowed back after
         it, so it wraps to -2**31 after 2**31 - 1 steps, as TF's int32 `assign_add` does."""
         return self._iterations
+
+    @property
+    def skipped_steps(self) -> Variable:
+        """How many steps `skip_nonfinite=True` skipped because a gradient held a NaN or an Inf
+        (replicated int64, saturating at 2**63 - 1); stays 0 without skip_nonfinite. Not one of
+        `variables` (tf_keras' weight list is unchanged)."""
+        return self._skipped
 
     @iterations.setter
     def iterations(self, variable: Any) -> None:
@@ -302,6 +314,10 @@ class SGD:
             it = self._iterations
             self._iterations = Variable(it.numpy(), name=it._shared_name, layout=Layout.replicated(mesh, 0),
                                         dtype=it.dtype)
+        if self._skipped.mesh != mesh:
+            sk = self._skipped
+            self._skipped = Variable(sk.numpy(), name=sk._shared_name, layout=Layout.replicated(mesh, 0),
+                                     dtype=sk.dtype)
         for k, v in enumerate(var_list):
             self._index[v._unique_id] = k
         self._tracked = var_list
@@ -527,13 +543,16 @@ class SGD:
             averages = [self._averages[k] for k in idx] if config.use_ema else []
             narrow = it.dtype != np.int64  # an int32 counter: the program reads int64 (see `iterations`)
             counter = self._counter(it.value, np.int64, it) if narrow else it.value
-            state = StepState(counter, tuple(m.value for m in momenta), tuple(a.value for a in averages))
+            skipped = self._skipped if config.skip_nonfinite else None
+            state = StepState(counter, tuple(m.value for m in momenta), tuple(a.value for a in averages),
+                              skipped.value if skipped is not None else None)
             # The inputs are donated by the step: from execute to the last bind, Ctrl-C waits (16.5).
             with uninterruptible():
                 params, new = step.apply(state, [v.value for v in variables], grads, lr)
                 counter = self._counter(new.iterations, it.dtype, it) if narrow else new.iterations
-                for owner, value in zip([it, *variables, *momenta, *averages],
-                                        [counter, *params, *new.momenta, *new.averages]):
+                owners = [it, *variables, *momenta, *averages, *([skipped] if skipped is not None else [])]
+                values = [counter, *params, *new.momenta, *new.averages, *([new.skipped] if skipped is not None else [])]
+                for owner, value in zip(owners, values, strict=True):
                     owner._bind(value)
 
     @staticmethod
@@ -548,7 +567,8 @@ class SGD:
         self.build([variable]) if not self._built else self._slot_index(variable)
         g = self._place_gradient(gradient, variable)
         core = dataclasses.replace(self._config, learning_rate=float(self.learning_rate), clipnorm=None,
-                                   clipvalue=None, global_clipnorm=None, weight_decay=None, use_ema=False)
+                                   clipvalue=None, global_clipnorm=None, weight_decay=None, use_ema=False,
+                                   skip_nonfinite=False)
         scratch = Variable(np.int64(0), name="update_step_counter", layout=Layout.replicated(self.mesh, 0),
                            dtype=np.int64)
         self._run([variable], [g], core, [False], np.float32(core.learning_rate), iterations=scratch)
@@ -597,8 +617,9 @@ class SGD:
             self.apply_gradients(self.compute_gradients(loss, var_list, tape))
 
     # ---- artifacts ---------------------------------------------------------------------
-    def save_artifact(self, path: Any) -> Any:
-        """Writes the compiled step for the built variables (see `sgdgen.io.artifact`)."""
+    def save_artifact(self, path: Any, *, platforms: Sequence[str] | None = None) -> Any:
+        """Writes the compiled step for the built variables (see `sgdgen.io.artifact`); `platforms`:
+        what its `step.jaxexport` is lowered for (default this machine's platform, () for none)."""
         from sgdgen.io import artifact
 
         if not self._built:
@@ -609,7 +630,7 @@ class SGD:
                              "step and cannot be stored in an artifact; use a float or one of "
                              f"{', '.join(schedules.SCHEDULES)}")
         program = self._program(self._tracked, self._config, self._decay_flags(self._tracked))
-        return artifact.write(program, path)
+        return artifact.write(program, path, platforms=platforms)
 
     @classmethod
     def load_artifact(cls, path: Any, variables: Sequence[Variable], *, mesh: Any = None) -> SGD:
@@ -642,7 +663,8 @@ class SGD:
         if not self._built:
             raise RuntimeError("build the optimizer (opt.build(variables)) before saving a checkpoint")
         tree = checkpoint.state_tree(self._iterations.value, [v.value for v in self._tracked],
-                                     [m.value for m in self._momenta], [a.value for a in self._averages])
+                                     [m.value for m in self._momenta], [a.value for a in self._averages],
+                                     self._skipped.value if self._config.skip_nonfinite else None)
         specs = [checkpoint.spec(v._shared_name, v.shape, v.dtype, v.layout) for v in self._tracked]
         step = int(self._iterations.numpy()) if step is None else step
         return checkpoint.save(directory, step, tree, checkpoint.metadata(self.get_config(), specs), extra=extra)
@@ -665,13 +687,19 @@ class SGD:
         def abstract(v: Variable) -> Any:
             return jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.layout.named_sharding())
 
+        keeps_skipped = self._config.skip_nonfinite
         target = checkpoint.state_tree(abstract(self._iterations), [abstract(v) for v in self._tracked],
-                                       [abstract(m) for m in self._momenta], [abstract(a) for a in self._averages])
+                                       [abstract(m) for m in self._momenta], [abstract(a) for a in self._averages],
+                                       abstract(self._skipped) if keeps_skipped else None)
         specs = [checkpoint.spec(v._shared_name, v.shape, v.dtype, v.layout) for v in self._tracked]
         tree, _, restored = checkpoint.restore(
             directory, step, target, extra=extra,
             check=lambda meta: checkpoint.check_compatible(meta, specs, self._config.use_ema))
         values = [tree["iterations"], *tree["variables"], *tree["momenta"], *tree["averages"]]
+        if keeps_skipped:  # a checkpoint written without skip_nonfinite counted no skipped steps
+            owners.append(self._skipped)
+            values.append(tree["skipped"] if "skipped" in tree else
+                          backend.device_put(np.int64(0), self._skipped.layout.named_sharding()))
         with self._lock:  # not between another thread's execute and its bind
             for owner, value in zip(owners, values):
                 owner._bind(value)

@@ -6,7 +6,7 @@ keep it, the artifact manifest records it and the runtime feeds and reads buffer
 Arguments: the state first, then the gradients, then the runtime scalars:
 
     iterations, variables[0..n), momenta[0..n), averages[0..n) (EMA only),
-    gradients[0..n), learning_rate (only when the learning rate is not a schedule)
+    skipped (skip_nonfinite only), gradients[0..n), learning_rate (only when the learning rate is not a schedule)
 
 Results: the new state, in the same order as the state arguments, so result k
 aliases argument k for every k (the in-place update of `sgd-alias-buffers`).
@@ -21,13 +21,19 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, NamedTuple
 
+from sgdgen.dtypes import mlir_element_type
 from sgdgen.errors import ConfigError
 from sgdgen.frontend.spec import Layout, Mesh, VarSpec, tensor_type
 from sgdgen.frontend.zero import ShardPlan, shard_plan
 
-ROLES = ("iterations", "variable", "momentum", "average", "gradient", "learning_rate")
+ROLES = ("iterations", "variable", "momentum", "average", "skipped", "gradient", "learning_rate")
 #: Roles whose buffers the step updates in place (donated arguments, aliased results).
-STATE_ROLES = ("iterations", "variable", "momentum", "average")
+STATE_ROLES = ("iterations", "variable", "momentum", "average", "skipped")
+#: State scalars beyond `iterations` (int64, replicated, after the per-variable state): role -> the
+#: config flag that adds it. Only present when set, so other programs keep their convention.
+EXTRA_COUNTERS = {"skipped": "skip_nonfinite"}
+#: The int64 scalar counters of the state (a JAX caller without x64 may hold them as int32).
+COUNTER_ROLES = ("iterations", *EXTRA_COUNTERS)
 #: The optimizer's slot kinds, by role: the middle part of a slot's name.
 SLOT_KINDS = {"momentum": "m", "average": "average"}
 
@@ -43,11 +49,14 @@ class StepState(NamedTuple):
     iterations: the scalar step counter (int64 in the program).
     momenta: one array per variable, laid out like it (tf_keras creates it even at momentum 0).
     averages: one EMA average per variable with `use_ema`, else empty.
+    skipped: the scalar count of steps skipped for non-finite gradients (int64 in the program)
+      with `skip_nonfinite`, else None.
     """
 
     iterations: Any
     momenta: tuple[Any, ...]
     averages: tuple[Any, ...] = ()
+    skipped: Any = None
 
 
 @dataclass(frozen=True)
@@ -66,10 +75,7 @@ class Slot:
 
     @property
     def mlir_type(self) -> str:
-        from sgdgen.frontend.spec import MLIR_ELEMENT_TYPES
-
-        et = "i64" if self.dtype == "int64" else MLIR_ELEMENT_TYPES[self.dtype]
-        return tensor_type(self.shape, et)
+        return tensor_type(self.shape, mlir_element_type(self.dtype))
 
     def to_json(self) -> dict[str, Any]:
         return {"role": self.role, "var": self.var, "name": self.name, "shape": list(self.shape),
@@ -84,17 +90,26 @@ class StepABI:
     outputs: tuple[Slot, ...]
 
     @classmethod
-    def for_config(cls, variables: Sequence[VarSpec], mesh: Mesh, config: Any) -> StepABI:
+    def for_config(cls, variables: Sequence[VarSpec], mesh: Mesh, config: Any, *, stage0: bool = False) -> StepABI:
         """The calling convention of the step of `config` (an SGDConfig) over `variables`:
-        EMA averages when `use_ema`, a learning-rate argument unless it is a schedule."""
+        EMA averages when `use_ema`, a learning-rate argument unless it is a schedule, the
+        counters its options keep. `stage0`: the generator's global view, where every slot has
+        its variable's shape and layout (`sgd-shard-weight-update` divides them later)."""
         return cls.create(variables, mesh, use_ema=config.use_ema, lr_input=not config.lr_is_schedule,
-                          optimizer_name=config.name, shard_update_over=getattr(config, "shard_update_over", None))
+                          optimizer_name=config.name,
+                          shard_update_over=None if stage0 else getattr(config, "shard_update_over", None),
+                          counters=tuple(r for r, flag in EXTRA_COUNTERS.items() if getattr(config, flag, False)))
 
     @classmethod
     def create(cls, variables: Sequence[VarSpec], mesh: Mesh, *, use_ema: bool, lr_input: bool,
-               optimizer_name: str = "SGD", shard_update_over: str | None = None) -> StepABI:
-        """`shard_update_over`: a mesh axis over which the slots of variables replicated over it
-        are sharded (`sgdgen.frontend.zero`; they get their own, possibly padded, shape and layout)."""
+               optimizer_name: str = "SGD", shard_update_over: str | None = None,
+               counters: Sequence[str] = ()) -> StepABI:
+        """The convention. `shard_update_over`: a mesh axis over which the slots of variables
+        replicated over it are sharded (`sgdgen.frontend.zero`; they get their own, possibly
+        padded, shape and layout). `counters`: the roles of EXTRA_COUNTERS this step keeps."""
+        unknown = sorted(set(counters) - set(EXTRA_COUNTERS))
+        if unknown:
+            raise ValueError(f"unknown state counters {unknown}; known: {sorted(EXTRA_COUNTERS)}")
         scalar = Layout.replicated(mesh, 0)
         if shard_update_over is not None and shard_update_over not in mesh.shape:
             raise ConfigError(f"shard_update_over={shard_update_over!r} is not an axis of the mesh {mesh} (axes "
@@ -112,6 +127,7 @@ class StepABI:
         state += [slot("momentum", i, v) for i, v in enumerate(variables)]
         if use_ema:
             state += [slot("average", i, v) for i, v in enumerate(variables)]
+        state += [Slot(role, None, role, (), "int64", scalar) for role in EXTRA_COUNTERS if role in counters]
         inputs = list(state)
         inputs += [Slot("gradient", i, f"gradient/{v.name}", v.shape, v.dtype, v.layout)
                    for i, v in enumerate(variables)]
@@ -135,6 +151,11 @@ class StepABI:
     @cached_property
     def use_ema(self) -> bool:
         return any(s.role == "average" for s in self.inputs)
+
+    @cached_property
+    def skip_nonfinite(self) -> bool:
+        """Whether the step skips non-finite gradients (it keeps a `skipped` counter)."""
+        return any(s.role == "skipped" for s in self.inputs)
 
     @cached_property
     def lr_input(self) -> bool:
@@ -161,9 +182,17 @@ class StepABI:
         if not self.use_ema and len(state.averages):
             raise ValueError("this step keeps no EMA averages (use_ema=False), but the state holds "
                              f"{len(state.averages)}")
+        if self.skip_nonfinite and state.skipped is None:
+            raise ValueError("this step counts skipped steps (skip_nonfinite=True), but state.skipped is None; "
+                             "build the state with the step's init")
+        if not self.skip_nonfinite and state.skipped is not None:
+            raise ValueError("this step keeps no skipped-step counter (skip_nonfinite=False), but state.skipped "
+                             "is set; build the state with the step's init")
         args = [state.iterations, *params, *state.momenta]
         if self.use_ema:
             args += state.averages
+        if self.skip_nonfinite:
+            args.append(state.skipped)
         args += grads
         if self.lr_input:
             if lr is None:
@@ -181,7 +210,8 @@ class StepABI:
         params = tuple(results[1:1 + n])
         momenta = tuple(results[1 + n:1 + 2 * n])
         averages = tuple(results[1 + 2 * n:1 + 3 * n]) if self.use_ema else ()
-        return params, StepState(results[0], momenta, averages)
+        skipped = results[self.index("skipped", outputs=True)] if self.skip_nonfinite else None
+        return params, StepState(results[0], momenta, averages, skipped)
 
     @property
     def aliases(self) -> dict[int, int]:

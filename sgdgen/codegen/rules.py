@@ -4,8 +4,8 @@
 pass to each other: the argument of each ABI slot, the learning rate per element type,
 the (clipped) gradient of each variable and the value that becomes each result.
 
-    learning_rate -> overwrite_due -> clipping (norm partials first) ->
-    per variable: weight_decay -> update -> ema -> ema_overwrite -> counter
+    learning_rate -> overwrite_due -> nonfinite counts -> clipping (norm partials first) ->
+    per variable: weight_decay -> update -> ema -> ema_overwrite -> counter -> skip
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ from typing import Any
 from sgdgen.codegen.abi import StepABI
 from sgdgen.codegen.schedule_params import render_schedule
 from sgdgen.codegen.templating import Builder, hex_literal
+from sgdgen.dtypes import WIDE  # the wide type that accumulates each element type's norms
 from sgdgen.frontend.spec import VarSpec, tensor_type
 
-#: The wide type that accumulates the norm of a variable of each element type (SEMANTICS §6).
-WIDE = {"f16": "f32", "bf16": "f32", "f32": "f64", "f64": "f64"}
+#: Where the int64 counters stop (they saturate instead of wrapping to negative).
+INT64_MAX = 2 ** 63 - 1
 
 
 def class_suffix(v: VarSpec) -> str:
@@ -48,6 +49,8 @@ class Step:
     grads: dict[int, str] = field(default_factory=dict)
     results: dict[tuple[str, int | None], str] = field(default_factory=dict)
     due: str | None = None  # the i1 "overwrite this step" value, when EMA overwrites
+    nonfinite: str | None = None  # the f32 count of non-finite gradient elements, with skip_nonfinite
+    skip: str | None = None  # the i1 "skip this step" value, with skip_nonfinite
 
     def __post_init__(self) -> None:
         self.arg = {(s.role, s.var): f"%arg{k}" for k, s in enumerate(self.abi.inputs)}
@@ -154,11 +157,69 @@ def emit_clipping(s: Step) -> None:
         emitter(s)
 
 
+def emit_nonfinite_count(s: Step) -> None:
+    """numerics.md §2a (skip_nonfinite): the number of non-finite elements of the gradients as given (before
+    clipping), one f32 partial per variable summed in a chain (sgd-fuse-step folds them into the
+    norms value, so one all_reduce carries both). Counting in f32 rounds above 2^24 elements,
+    but a sum of non-negative terms is 0 only when every term is: the decision is exact."""
+    if not getattr(s.config, "skip_nonfinite", False):
+        return
+    total = None
+    for i, v in enumerate(s.variables):
+        fn = s.b.stage(f"nonfinite_count_{class_suffix(v)}", "nonfinite_count", t=v.mlir_type,
+                       t_pred=tensor_type(v.shape, "i1"), t_count=tensor_type(v.shape, "f32"),
+                       dims=", ".join(map(str, range(len(v.shape)))))
+        s.b.call([f"%nonfinite{i}"], fn, [s.grads[i]], [v.mlir_type], ["tensor<f32>"])
+        if total is None:
+            total = f"%nonfinite{i}"
+        else:
+            s.b.emit(f"%nonfinite_total{i} = stablehlo.add {total}, %nonfinite{i} : tensor<f32>")
+            total = f"%nonfinite_total{i}"
+    s.nonfinite = total
+
+
+def _saturating_increment(s: Step, name: str, counter: str, when: str | None = None) -> str:
+    """`counter + 1` (int64) unless it is already INT64_MAX, where it stays (no wrap to negative);
+    with `when` (an i1), only on steps where it holds. Returns the new value's name. Reads
+    `%int64_max`, which `emit_counter` defines."""
+    s.b.emit(f"%{name}_below_max = stablehlo.compare NE, {counter}, %int64_max, SIGNED : "
+             "(tensor<i64>, tensor<i64>) -> tensor<i1>")
+    step = f"%{name}_below_max"
+    if when is not None:
+        s.b.emit(f"%{name}_counts = stablehlo.and {step}, {when} : tensor<i1>")
+        step = f"%{name}_counts"
+    s.b.emit(f"%{name}_increment = stablehlo.convert {step} : (tensor<i1>) -> tensor<i64>")
+    s.b.emit(f"%{name}_next = stablehlo.add {counter}, %{name}_increment : tensor<i64>")
+    return f"%{name}_next"
+
+
 def emit_counter(s: Step) -> None:
-    """§4.11: the iteration counter, incremented once per step."""
-    s.b.emit("%one = stablehlo.constant dense<1> : tensor<i64>")
-    s.b.emit(f"%iterations_next = stablehlo.add {s.iterations}, %one : tensor<i64>")
-    s.results[("iterations", None)] = "%iterations_next"
+    """§4.11: the iteration counter, incremented once per step, saturating at INT64_MAX; with
+    skip_nonfinite a skipped step leaves it (optax apply_if_finite's convention, numerics.md)."""
+    when = None
+    s.b.emit(f"%int64_max = stablehlo.constant dense<{INT64_MAX}> : tensor<i64>")
+    if getattr(s.config, "skip_nonfinite", False):
+        s.b.emit("%count_zero = stablehlo.constant dense<0.000000e+00> : tensor<f32>")
+        s.b.emit(f"%skip = stablehlo.compare GT, {s.nonfinite}, %count_zero, FLOAT : "
+                 "(tensor<f32>, tensor<f32>) -> tensor<i1>")
+        s.b.emit("%applied = stablehlo.not %skip : tensor<i1>")
+        s.skip, when = "%skip", "%applied"
+    s.results[("iterations", None)] = _saturating_increment(s, "iterations", s.iterations, when)
+
+
+def emit_skip(s: Step) -> None:
+    """numerics.md §2a (skip_nonfinite): on a skipped step every variable, slot and average keeps its value
+    (a select the elementwise chain fuses), and the skipped-step counter counts it (saturating)."""
+    if s.skip is None:
+        return
+    for (role, var), value in list(s.results.items()):
+        if role == "iterations":
+            continue
+        t = s.variables[var].mlir_type
+        s.b.emit(f"%{role}{var}_kept = stablehlo.select {s.skip}, {s.arg[(role, var)]}, {value} : "
+                 f"tensor<i1>, {t}")
+        s.results[(role, var)] = f"%{role}{var}_kept"
+    s.results[("skipped", None)] = _saturating_increment(s, "skipped", s.arg[("skipped", None)], s.skip)
 
 
 # ---- per-variable rules: (step, index, variable, current weight value) -> new weight value -----
@@ -230,4 +291,5 @@ def emit_variables(s: Step) -> None:
 
 #: Every rule of the step, in SEMANTICS §4 order.
 RULES: tuple[Callable[[Step], None], ...] = (
-    emit_learning_rate, emit_overwrite_due, emit_clipping, emit_variables, emit_counter)
+    emit_learning_rate, emit_overwrite_due, emit_nonfinite_count, emit_clipping, emit_variables, emit_counter,
+    emit_skip)

@@ -187,6 +187,7 @@ class SGDConfig:
     amsgrad: bool = False
     #: the data-parallel mesh axis over which optimizer slots are sharded (ZeRO-1/2), or None
     shard_update_over: str | None = None
+    skip_nonfinite: bool = False
 
     @classmethod
     def create(
@@ -208,6 +209,7 @@ class SGDConfig:
         ema_momentum: Any = _UNSET,
         ema_overwrite_frequency: Any = _UNSET,
         shard_update_over: str | None = None,
+        skip_nonfinite: Any = False,
         **kwargs: Any,
     ) -> SGDConfig:
         """Merge, validate (in tf_keras' order, §2) and freeze the SGD constructor arguments."""
@@ -264,6 +266,7 @@ class SGDConfig:
         _finite("momentum", momentum)  # NaN passes the range check above
         nesterov = _flag("nesterov", nesterov)
         jit_compile = _flag("jit_compile", jit_compile)
+        skip_nonfinite = _flag("skip_nonfinite", skip_nonfinite)
         if _flag("amsgrad", amsgrad):
             warnings.warn("`amsgrad` has no effect on SGD; it is accepted for compatibility.",
                           UserWarning, stacklevel=2)
@@ -271,7 +274,7 @@ class SGDConfig:
             name=name, learning_rate=lr, momentum=momentum, nesterov=nesterov,
             weight_decay=weight_decay, use_ema=use_ema, ema_momentum=ema_momentum,
             ema_overwrite_frequency=frequency, jit_compile=jit_compile, amsgrad=amsgrad,
-            shard_update_over=shard_update_over, **clip,
+            shard_update_over=shard_update_over, skip_nonfinite=bool(skip_nonfinite), **clip,
         )
 
     def get_config(self) -> dict[str, Any]:
@@ -282,6 +285,8 @@ class SGDConfig:
         config["learning_rate"] = schedules.serialize(lr) if self.lr_is_schedule else float(lr)
         if self.shard_update_over is not None:  # sgdgen's own key: absent unless set (tf_keras' dict otherwise)
             config["shard_update_over"] = self.shard_update_over
+        if self.skip_nonfinite:  # sgdgen's own key, only when set: a default config stays tf_keras' dict
+            config["skip_nonfinite"] = True
         return config
 
     @classmethod

@@ -16,42 +16,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
+from sgdgen.dtypes import MLIR_ELEMENT_TYPES, canonical_dtype, numpy_dtype
 from sgdgen.errors import SpecError
 
 UNSHARDED = "unsharded"
 
-#: dtypes a variable may have, by canonical name, with the MLIR element type.
-MLIR_ELEMENT_TYPES: dict[str, str] = {
-    "float16": "f16",
-    "bfloat16": "bf16",
-    "float32": "f32",
-    "float64": "f64",
-}
-
 _AXIS_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-def canonical_dtype(dtype: Any, *, what: str = "variable") -> str:
-    """Returns the canonical name of a floating dtype, or raises naming `what`."""
-    try:
-        dt = np.dtype(dtype)
-    except TypeError as e:
-        raise SpecError(f"{what}: unknown dtype {dtype!r}; use one of {sorted(MLIR_ELEMENT_TYPES)}") from e
-    name = "bfloat16" if dt == np.dtype(ml_dtypes.bfloat16) else dt.name
-    if name not in MLIR_ELEMENT_TYPES:
-        raise SpecError(
-            f"{what}: dtype {name} is not supported; SGD updates floating variables only "
-            f"({', '.join(sorted(MLIR_ELEMENT_TYPES))}). Cast the variable to a float type."
-        )
-    return name
-
-
-def numpy_dtype(name: str) -> np.dtype:
-    """The NumPy dtype for a canonical dtype name (bfloat16 via ml_dtypes)."""
-    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
 @dataclass(frozen=True)

@@ -133,7 +133,8 @@ class JaxStep:
 
     def init(self, params: Any, iterations: int = 0) -> StepState:
         """A fresh state: iterations (int32, int64 with x64), zero momenta and EMA averages equal to
-        the params, each laid out as its parameter. Traceable (works inside jit)."""
+        the params, each laid out as its parameter, a zero `skipped` counter with skip_nonfinite.
+        Traceable (works inside jit)."""
         import jax.numpy as jnp
 
         leaves = self._leaves(params, "params")
@@ -144,7 +145,9 @@ class JaxStep:
                                           abi.slot("average", i))
                          for i, leaf in enumerate(leaves)) if abi.use_ema else ()
         it_slot = abi.inputs[abi.index("iterations")]
-        return StepState(primitive.placed(jnp.asarray(iterations, dtype=int), it_slot), momenta, averages)
+        skipped = (primitive.placed(jnp.asarray(0, dtype=int), abi.inputs[abi.index("skipped")])
+                   if abi.skip_nonfinite else None)
+        return StepState(primitive.placed(jnp.asarray(iterations, dtype=int), it_slot), momenta, averages, skipped)
 
     def __call__(self, params: Any, grads: Any, state: StepState, lr: Any = None) -> tuple[Any, StepState]:
         """One step: (new params, new state). `lr` (a float or a float32 scalar array) is a runtime

@@ -38,6 +38,7 @@ import re
 import secrets
 import shutil
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ __all__ = ["Artifact", "ArtifactError", "FORMAT_VERSION", "MIN_FORMAT_VERSION", 
            "check_fresh", "fingerprint", "read", "summary", "write"]
 
 MANIFEST = "manifest.json"
+EXPORTED = "step.jaxexport"
 #: the names `write` gives its temporary directories beside the target
 _LEFTOVER = re.compile(r"\..+\.(incomplete|replaced)-[0-9a-f]{8}")
 _MODULE_PREFIX = "sgdgen_"
@@ -232,9 +234,11 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
     _fsync_dir(out.parent)
 
 
-def write(program: StepProgram, path: str | os.PathLike[str], *, executable: bool = True) -> Path:
+def write(program: StepProgram, path: str | os.PathLike[str], *, executable: bool = True,
+          platforms: Sequence[str] | None = None) -> Path:
     """Writes `program`'s artifact to directory `path` atomically (an artifact there is replaced
-    as a whole); returns the path."""
+    as a whole); returns the path. `platforms`: what `step.jaxexport` (the step as a serialized
+    `jax.export.Exported`) is lowered for; default this process's platform, `()` for none."""
     out = Path(path)
     _check_target(out)
     text = program.lowered_text.encode()
@@ -245,6 +249,13 @@ def write(program: StepProgram, path: str | os.PathLike[str], *, executable: boo
                         **json.loads(json.dumps({"config": program.config.get_config(), "mesh": program.mesh.to_json(),
                                                  "variables": [v.to_json() for v in program.variables],
                                                  "abi": program.abi.to_json()})))
+    if platforms is None:
+        platforms = (backend.platform_fingerprint()["platform"],)
+    if platforms:
+        from sgdgen.io.export import export_step
+
+        files[EXPORTED] = export_step(program, platforms)
+        manifest = dataclasses.replace(manifest, jax_export={"file": EXPORTED, "platforms": list(platforms)})
     bound = binding(text, manifest)
     entries: dict[str, ExecutableEntry] = {}
     if executable:
@@ -320,6 +331,16 @@ class Artifact:
             _compare_variables(root, list(self.program.variables), list(variables))
             given = StepProgram(self.program.config, tuple(variables), stored_mesh)
             _compare_abi(root, self.manifest.abi, given.abi.to_json())
+
+    def jax_exported(self) -> Any:
+        """The step as a `jax.export.Exported` (from the verified `step.jaxexport`): call it with the
+        arguments in `manifest.abi` order, eagerly or inside a jit; ArtifactError when absent."""
+        import jax
+
+        if not self.manifest.jax_export:
+            raise ArtifactError(f"{self.path}: this artifact carries no jax.export module; rewrite it with "
+                                "`sgdgen compile --platforms cpu` (or save_artifact(path, platforms=['cpu']))")
+        return jax.export.deserialize(bytearray(self.blobs[self.manifest.jax_export["file"]]))
 
     def executable(self) -> StepExecutable:
         """The step for this process: the stored executable when it is bound to step.mlir and

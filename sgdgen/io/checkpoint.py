@@ -42,10 +42,14 @@ STATE_KEYS = ("iterations", "variables", "momenta", "averages")
 
 
 def state_tree(iterations: Any, variables: Sequence[Any], momenta: Sequence[Any],
-               averages: Sequence[Any]) -> dict[str, Any]:
-    """The checkpointed pytree: plain dict and lists (orbax's tree handling, no custom nodes)."""
-    return {"iterations": iterations, "variables": list(variables), "momenta": list(momenta),
+               averages: Sequence[Any], skipped: Any = None) -> dict[str, Any]:
+    """The checkpointed pytree: plain dict and lists (orbax's tree handling, no custom nodes);
+    `skipped` (the skipped-steps counter of `skip_nonfinite`) only when the optimizer keeps one."""
+    tree = {"iterations": iterations, "variables": list(variables), "momenta": list(momenta),
             "averages": list(averages)}
+    if skipped is not None:
+        tree["skipped"] = skipped
+    return tree
 
 
 def spec(name: str, shape: Sequence[int], dtype: Any, layout: Layout) -> dict[str, Any]:
@@ -202,13 +206,25 @@ def restore(target: Any, step: int | None, abstract: Mapping[str, Any], *,
         meta = read_metadata(manager, step)
         if check is not None:
             check(meta)
-        args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(dict(abstract))}, **dict(extra or {}))
+        # The skipped-steps counter is saved only by `skip_nonfinite` optimizers: read what the
+        # checkpoint holds (a counter it has and the target lacks is read and dropped).
+        abstract = dict(abstract)
+        saved_skipped = bool(meta.get("config", {}).get("skip_nonfinite", False))
+        wanted_skipped = "skipped" in abstract
+        if saved_skipped and not wanted_skipped:
+            abstract["skipped"] = abstract["iterations"]
+        elif wanted_skipped and not saved_skipped:
+            del abstract["skipped"]
+        args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract)}, **dict(extra or {}))
         with jax.enable_x64(True):  # iterations is int64 (tf_keras); without x64 JAX would narrow it
             out = manager.restore(step, args=args)
     finally:
         if owned:
             manager.close()
-    return dict(out[STATE_ITEM]), meta, {k: out[k] for k in (extra or {})}
+    tree = dict(out[STATE_ITEM])
+    if not wanted_skipped:
+        tree.pop("skipped", None)
+    return tree, meta, {k: out[k] for k in (extra or {})}
 
 
 __all__ = ["META_ITEM", "STATE_ITEM", "check_compatible", "latest_step", "metadata", "read_metadata", "restore",

@@ -50,6 +50,19 @@ def _str_map(data: dict[str, Any], key: str, where: str, convert: Callable[[Any,
     return {name: convert(value, f"{key}[{name!r}]") for name, value in raw.items()}
 
 
+def _jax_export(data: dict[str, Any], where: str) -> dict[str, Any] | None:
+    """The optional `jax_export` entry: {"file": str, "platforms": [str, ...]}."""
+    entry = _typed(data, "jax_export", dict, where, optional=True)
+    if entry is None:
+        return None
+    name = _typed(entry, "file", str, f"{where}: jax_export")
+    platforms = _typed(entry, "platforms", list, f"{where}: jax_export")
+    if not platforms or any(type(p) is not str for p in platforms) or "/" in name:
+        raise ArtifactError(f"{where}: manifest field jax_export must name a file and a list of platforms, not "
+                            f"{json.dumps(entry)}; rewrite the artifact")
+    return {"file": name, "platforms": list(platforms)}
+
+
 def _version(data: dict[str, Any], key: str, lo: int, hi: int, where: str, what: str) -> int:
     value = data.get(key)
     if type(value) is not int or not lo <= value <= hi:
@@ -116,6 +129,9 @@ class Manifest:
     #: sha256 binding step.mlir to config, mesh, variables and ABI (sgdgen.io.artifact.binding);
     #: None in format 1.
     binding: str | None = None
+    #: the step as a serialized jax.export.Exported: {"file": "step.jaxexport", "platforms": [...]};
+    #: None when the artifact was written without one (optional since 2026-12-01, format 2).
+    jax_export: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"format_version": self.format_version,
@@ -123,14 +139,15 @@ class Manifest:
                 "sgdgen_version": self.sgdgen_version, "stablehlo_target_version": self.stablehlo_target_version,
                 "config": self.config, "mesh": self.mesh, "variables": self.variables, "abi": self.abi,
                 "binding": self.binding, "executables": {k: e.to_json() for k, e in self.executables.items()},
-                "files": self.files}
+                "files": self.files, **({"jax_export": self.jax_export} if self.jax_export else {})}
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), indent=2) + "\n"
 
     def named_files(self) -> list[str]:
         """Every file this manifest refers to (each must be hashed in `files`)."""
-        return ["step.mlir", "step.mlirbc", *(e.file for e in self.executables.values())]
+        exported = [self.jax_export["file"]] if self.jax_export else []
+        return ["step.mlir", "step.mlirbc", *(e.file for e in self.executables.values()), *exported]
 
     @classmethod
     def from_json(cls, data: Any, where: str) -> Manifest:
@@ -163,4 +180,5 @@ class Manifest:
                    config=_typed(data, "config", dict, where), mesh=_typed(data, "mesh", dict, where),
                    variables=_typed(data, "variables", list, where), abi=abi, executables=executables,
                    files=_str_map(data, "files", where, digest),
-                   binding=digest(_typed(data, "binding", str, where), "binding") if fmt >= 2 else None)
+                   binding=digest(_typed(data, "binding", str, where), "binding") if fmt >= 2 else None,
+                   jax_export=_jax_export(data, where))

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sgdgen import backend
+from sgdgen.frontend.spec import numpy_dtype
 
 if TYPE_CHECKING:
     from sgdgen.runtime.executable import StepExecutable
@@ -43,6 +44,11 @@ class CacheStats:
     disk_hits: int = 0
     memory_hits: int = 0
     seconds: list[float] = field(default_factory=list)  # time to obtain each non-memory executable
+
+
+def needs_strict_precision(program: StepProgram) -> bool:
+    """Whether `program` has a 16-bit variable, whose ops XLA must not widen (SEMANTICS §6)."""
+    return any(numpy_dtype(v.dtype).itemsize == 2 for v in program.variables)
 
 
 def default_cache_dir() -> str | None:
@@ -102,17 +108,18 @@ class ExecutableCache:
                 self.stats.memory_hits += 1
                 return hit
         devices = backend.devices_for(program.mesh.device_ids)
+        strict = needs_strict_precision(program)
         t0 = time.perf_counter()
         store = self._disk()
         key = exe = None
         if store is not None:
-            key = hashlib.sha256(program.lowered_text.encode() + b"\0" + backend.cache_key_material(devices))
+            key = hashlib.sha256(program.lowered_text.encode() + b"\0" + backend.cache_key_material(devices, strict_precision=strict))
             key = "sgdgen-" + key.hexdigest()
             exe = self._load(store, key, devices)
         if exe is not None:
             self.stats.disk_hits += 1
         else:
-            exe = backend.compile_text(program.lowered_text, devices)
+            exe = backend.compile_text(program.lowered_text, devices, strict_precision=strict)
             self.stats.compiles += 1
             if store is not None:
                 self._save(store, key, exe)

@@ -79,7 +79,8 @@ class Step:
 
     def init(self, params: Sequence[Any], iterations: int = 0) -> StepState:
         """A fresh state for `params`: zero momenta and EMA averages equal to the variables
-        (tf_keras' slot initialisers), laid out as each variable; `iterations` as given."""
+        (tf_keras' slot initialisers), laid out as each variable; `iterations` as given; a
+        zero skipped-step counter with skip_nonfinite."""
         abi = self.abi
         # Fresh host copies: a NumPy view of a jax.Array (np.asarray of a replicated one) is
         # transferred zero-copy, and the state would share the buffer it donates.
@@ -90,7 +91,11 @@ class Step:
         averages = tuple(backend.device_put(np.array(p, copy=True), p.sharding) for p in placed) if abi.use_ema else ()
         it_slot = abi.inputs[abi.index("iterations")]
         iterations_arr = backend.device_put(np.asarray(iterations, np.int64), it_slot.layout.named_sharding())
-        return StepState(iterations_arr, tuple(zeros), averages)
+        skipped = None
+        if abi.skip_nonfinite:
+            sk_slot = abi.inputs[abi.index("skipped")]
+            skipped = backend.device_put(np.asarray(0, np.int64), sk_slot.layout.named_sharding())
+        return StepState(iterations_arr, tuple(zeros), averages, skipped)
 
     def lr_argument(self, lr: Any, executable: StepExecutable | None = None) -> Any:
         """The learning-rate argument for a float rate, transferred once per value (not donated)."""

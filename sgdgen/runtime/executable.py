@@ -51,7 +51,7 @@ class ShardingMatcher:
 
 
 def slot_dtype(slot: Slot) -> np.dtype:
-    return np.dtype(np.int64) if slot.dtype == "int64" else numpy_dtype(slot.dtype)
+    return numpy_dtype(slot.dtype)
 
 
 @dataclass

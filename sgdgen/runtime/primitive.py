@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from sgdgen import backend
-from sgdgen.codegen.abi import Slot, StepABI
+from sgdgen.codegen.abi import COUNTER_ROLES, Slot, StepABI
 from sgdgen.errors import BackendError, ConfigError, StepInputError, StepTypeError
 from sgdgen.runtime.executable import slot_dtype
 from sgdgen.runtime.program import StepProgram
@@ -67,9 +67,9 @@ def _check_aval(slot: Slot, aval: Any) -> None:
     shape, dtype = tuple(aval.shape), np.dtype(aval.dtype)
     if shape != slot.shape:
         raise StepInputError(f"{what}: shape {list(shape)} does not match the step's {list(slot.shape)}")
-    if slot.role == "iterations":
+    if slot.role in COUNTER_ROLES:
         if dtype.kind not in "iu":
-            raise StepTypeError(f"{what}: dtype {dtype} is not an integer; pass the state's iterations "
+            raise StepTypeError(f"{what}: dtype {dtype} is not an integer; pass the state's {slot.role} "
                                 "(int32, or int64 with x64)")
     elif dtype != slot_dtype(slot):
         raise StepTypeError(f"{what}: dtype {dtype} does not match the step's {slot_dtype(slot)}; "

@@ -1,195 +1,760 @@
-"""`sgdgen bench`: the compiled step against optax in the same process, and against the
-memory-bandwidth bound.
+"""`sgdgen bench`: the compiled step against its peers and the memory bound, in one process.
 
-Three measurements per model, all on this process's first device:
-- cold start: sgdgen compile from source (empty caches), load from an artifact, and the
-  first step after each; optax's jax.jit trace + compile of the same update;
-- steady state: median ms per step over `steps` steps (results blocked on), sgdgen vs
-  `jax.jit(optax update, donate_argnums)`;
-- bandwidth: bytes a step must move (read var, grad, momentum[, average]; write var,
-  momentum[, average]) over the step time, against a measured device copy bandwidth.
+Every contender gets the same inputs (parameters and gradients from one seeded generator)
+and the same update: momentum 0.9, Nesterov, weight decay, global_clipnorm 1.0, EMA. The
+contenders run interleaved (each round runs every contender `steps` times, in a rotated
+order), so machine load hits them alike; the report is the median over rounds and the
+25th-75th percentile spread, and ratios inside this one run:
+
+- sgdgen `SGD.apply_gradients`, the same step loaded from an artifact (`SGD.load_artifact`),
+  and `sgdgen.jax_step` inside the user's `jax.jit` (when `sgdgen.integrations.jax` exists);
+- optax `chain(clip_by_global_norm, add_decayed_weights, sgd(momentum, nesterov))` plus an
+  EMA, under `jax.jit` with donation;
+- Keras 3 `SGD(...).stateless_apply` under `jax.jit` with donation (JAX backend);
+- torch `SGD(foreach=True)` and `SGD(fused=True)`, each with a foreach global-norm clip and
+  a foreach EMA (when torch is installed; CPU tensors);
+- the bound: an in-place read-modify-write of the same bytes under `jax.jit` with donation
+  (parameter, momentum and average each updated from the gradient: 28 B per float32
+  parameter at least; XLA CPU runs it as three loop fusions that each read the gradient,
+  36 B by its own count). A global norm needs one more read of the gradients before the
+  update can start.
+
+Beside the timings: bytes each XLA program accesses per parameter (XLA's cost analysis),
+the step's compiled memory (temporaries against the state it updates), all-reduce counts,
+cold start in new processes, and two program-level measurements (excess precision on a
+float32 step; the float64 norm sum against float32 partial sums), and how the stages before
+XLA scale with the number of variables. The 2x4-mesh model runs
+in a subprocess with 8 simulated CPU devices.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import math
 import os
-import shutil
+import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-MODELS: dict[str, list[tuple[int, ...]]] = {
-    "demo-mlp (4 vars, 1.2k params)": [(16, 64), (64,), (64, 1), (1,)],
-    "400 small vars (1.6M params)": [(64, 64)] * 200 + [(64,)] * 200,
-    "8 x 1M (8.4M params)": [(1024, 1024)] * 8,
-}
+#: The update every contender runs (Keras names; optax/torch use the same numbers).
+CONFIG: dict[str, Any] = dict(learning_rate=0.01, momentum=0.9, nesterov=True, weight_decay=0.004,
+                              global_clipnorm=1.0, use_ema=True, ema_momentum=0.99)
+PEERS = ("optax", "keras", "torch_foreach", "torch_fused")
+MESH_MODEL = "mesh-2x4"
+
+
+@dataclass(frozen=True)
+class Model:
+    """A benchmark model: shapes, and for a mesh model the mesh and per-variable layouts."""
+
+    name: str
+    shapes: tuple[tuple[int, ...], ...]
+    mesh: str = ""
+    layouts: tuple[tuple[Any, ...], ...] | None = None
+
+    @property
+    def parameters(self) -> int:
+        return sum(math.prod(s) for s in self.shapes)
+
+
+def models(quick: bool = False) -> dict[str, Model]:
+    """The four models; `quick` shrinks each to CI size (same structure, fewer bytes)."""
+    big = 256 if quick else 1024
+    small = [(160, 160), (256,), (64, 96), (96,)]
+    d, layers, vocab = (64, 2, 512) if quick else (512, 4, 8000)
+    block = [(d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,), (d,), (d,)]
+    m = 128 if quick else 1024
+    mesh_vars = [((m, m), ("unsharded", "model")), ((m, m), ("model", "unsharded")), ((m, m), ("batch", "model")),
+                 ((m // 2, m), ("unsharded", "unsharded")), ((m,), ("model",)), ((m,), ("unsharded",))] * 2
+    out = [Model("few-large", ((big, big),) * 8),
+           Model("many-small", tuple(small * (10 if quick else 100))),
+           Model("transformer", ((vocab, d),) + tuple(block * layers)),
+           Model(MESH_MODEL, tuple(s for s, _ in mesh_vars), "batch=2,model=4", tuple(lay for _, lay in mesh_vars))]
+    return {x.name: x for x in out}
+
+
+# ---- inputs and contenders -------------------------------------------------------------
+
+def _inputs(model: Model) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    rng = np.random.default_rng(0)
+    init = [rng.standard_normal(s).astype(np.float32) for s in model.shapes]
+    grads = [(rng.standard_normal(s) * 0.01).astype(np.float32) for s in model.shapes]
+    return init, grads
+
+
+def _shardings(model: Model) -> list[Any]:
+    import jax
+
+    from sgdgen.frontend.spec import Layout, Mesh
+
+    mesh = Mesh.of(model.mesh or None)
+    if model.layouts is None:
+        return [jax.devices()[0]] * len(model.shapes)
+    return [Layout(lay, mesh).named_sharding() for lay in model.layouts]
 
 
 @dataclass
-class BenchRow:
-    model: str
-    variables: int
-    parameters: int
-    sgdgen_compile_s: float
-    sgdgen_first_step_after_compile_ms: float
-    sgdgen_load_s: float
-    sgdgen_first_step_after_load_ms: float
-    optax_trace_compile_s: float
-    sgdgen_step_ms: float
-    optax_step_ms: float
-    sgdgen_gb_per_s: float
-    copy_gb_per_s: float
+class Contender:
+    """One way of running the step: `step()` runs one and waits for it; `compiled` is the XLA
+    executable (for cost and memory analysis) where there is one."""
+
+    step: Callable[[], None]
+    compiled: Any = None
+    sgdgen_exe: Any = None  # a StepExecutable's backend executable
 
 
-def _median_ms(fn: Callable[[], Any], steps: int) -> float:
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def _copy_bandwidth(nbytes: int) -> float:
-    """GB/s of a device-side copy of `nbytes` (read + write), the bound a step can reach."""
+def _sgdgen_apply(model: Model, init: list[np.ndarray], grads: list[Any], art_dir: str) -> dict[str, Contender]:
     import jax
-    import jax.numpy as jnp
 
-    box = [jnp.ones(nbytes // 4, jnp.float32)]
-    f = jax.jit(lambda a: a * 1.0000001, donate_argnums=0)  # in place, like the step
+    import sgdgen
+    from sgdgen.runtime.program import clear_memory_cache
 
-    def copy() -> None:
-        box[0] = f(box[0])
-        box[0].block_until_ready()
+    def build(values: list[np.ndarray]) -> list[Any]:
+        return [sgdgen.Variable(x, name=f"v{i}", **({} if model.layouts is None else
+                                                    {"layout": model.layouts[i], "mesh": model.mesh}))
+                for i, x in enumerate(values)]
 
-    copy()
-    ms = _median_ms(copy, 20)
-    return 2 * nbytes / (ms * 1e-3) / 1e9
+    def runner(opt: Any, variables: list[Any]) -> Callable[[], None]:
+        pairs = list(zip(grads, variables))
 
+        def step() -> None:
+            opt.apply_gradients(pairs)
+            jax.block_until_ready([v.value for v in variables])
+        return step
 
-@contextmanager
-def scratch_cache() -> Iterator[str]:
-    """A temporary directory under which each model gets an empty executable cache (cold starts).
-
-    sgdgen's process-wide cache and SGDGEN_CACHE_DIR are put back as they were before the
-    directory is removed; JAX's own configuration is never touched.
-    """
-    from sgdgen.runtime.cache import default_cache, set_default_cache
-
-    previous = default_cache()
-    env = os.environ.get("SGDGEN_CACHE_DIR")
-    parent = tempfile.mkdtemp(prefix="sgdgen-bench-")
-    try:
-        yield parent
-    finally:
-        set_default_cache(previous)
-        if env is None:
-            os.environ.pop("SGDGEN_CACHE_DIR", None)
-        else:
-            os.environ["SGDGEN_CACHE_DIR"] = env
-        shutil.rmtree(parent, ignore_errors=True)
+    variables = build(init)
+    opt = sgdgen.SGD(**CONFIG, mesh=model.mesh or None)
+    step = runner(opt, variables)
+    step()
+    program = opt._program(variables, opt.config, opt._decay_flags(variables))
+    exe = program.executable().executable
+    opt.save_artifact(art_dir)
+    clear_memory_cache()
+    fresh = build(init)
+    loaded = sgdgen.SGD.load_artifact(art_dir, fresh)
+    loaded_step = runner(loaded, fresh)
+    loaded_step()
+    return {"sgdgen": Contender(step, sgdgen_exe=exe), "sgdgen_artifact": Contender(loaded_step, sgdgen_exe=exe)}
 
 
-def bench_model(name: str, shapes: list[tuple[int, ...]], *, steps: int = 30, cache_root: str | None = None) -> BenchRow:
-    """Measures one model (see the module docstring); its caches start empty under `cache_root`
-    (which must outlive every compile of the process while it is configured: `scratch_cache`)."""
-    if cache_root is None:
-        with scratch_cache() as root:
-            return bench_model(name, shapes, steps=steps, cache_root=root)
+def _jit_contender(update: Callable[..., Any], carry: list[Any], fixed: tuple[Any, ...],
+                   donate: tuple[int, ...]) -> Contender:
+    """`carry = update(*carry, *fixed)` under jax.jit, donating the carried buffers."""
+    import jax
+
+    compiled = jax.jit(update, donate_argnums=donate).lower(*carry, *fixed).compile()
+    box = [tuple(carry)]
+
+    def step() -> None:
+        box[0] = compiled(*box[0], *fixed)
+        jax.block_until_ready(box[0])
+
+    step()
+    return Contender(step, compiled)
+
+
+def _ema(averages: Any, params: Any) -> Any:
+    import jax
+
+    mom = CONFIG["ema_momentum"]
+    return jax.tree.map(lambda a, w: a * mom + w * (1 - mom), averages, params)
+
+
+def _jax_step(model: Model, params: list[Any], grads: list[Any]) -> Contender:
+    import sgdgen
+
+    step = sgdgen.jax_step(dict(CONFIG), params, mesh=model.mesh or None)
+    state = step.init(params)
+    return _jit_contender(lambda p, s, g: step(p, g, s), [params, state], (grads,), (0, 1))
+
+
+def _optax(params: list[Any], grads: list[Any]) -> Contender:
     import jax
     import optax
 
-    import sgdgen
-    from sgdgen.runtime import program as prog
+    tx = optax.chain(optax.clip_by_global_norm(CONFIG["global_clipnorm"]),
+                     optax.add_decayed_weights(CONFIG["weight_decay"]),
+                     optax.sgd(CONFIG["learning_rate"], momentum=CONFIG["momentum"], nesterov=CONFIG["nesterov"]))
 
-    rng = np.random.default_rng(0)
-    init = [rng.standard_normal(s).astype(np.float32) for s in shapes]
-    grads_host = [rng.standard_normal(s).astype(np.float32) * 0.01 for s in shapes]
-    kw = dict(learning_rate=0.01, momentum=0.9, nesterov=True, global_clipnorm=1.0)
+    def update(p: Any, s: Any, avg: Any, g: Any) -> Any:
+        updates, s = tx.update(g, s, p)
+        p = optax.apply_updates(p, updates)
+        return p, s, _ema(avg, p)
 
-    cache = tempfile.mkdtemp(prefix="xla-", dir=cache_root)
+    return _jit_contender(update, [params, tx.init(params), [jax.numpy.copy(x) for x in params]], (grads,), (0, 1, 2))
+
+
+def _keras(params: list[Any], grads: list[Any]) -> Contender:
+    import jax
+
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    import keras
+
+    if keras.backend.backend() != "jax":
+        raise RuntimeError(f"keras runs on the {keras.backend.backend()} backend in this process, not jax")
+    opt = keras.optimizers.SGD(**CONFIG)
+    kvars = [keras.Variable(np.asarray(p)) for p in params]
+    opt.build(kvars)
+    n = len(params)
+    opt_vars = []
+    for k, v in enumerate(opt.variables):  # momenta, then averages, in variable order: lay them out alike
+        value = v.value
+        i = (k - (len(opt.variables) - 2 * n)) % n if value.ndim else None
+        opt_vars.append(jax.device_put(value, params[i].sharding) if i is not None
+                        and value.shape == params[i].shape else value)
+    return _jit_contender(lambda ov, tv, g: opt.stateless_apply(ov, g, tv)[::-1], [opt_vars, params], (grads,), (0, 1))
+
+
+def _torch(init: list[np.ndarray], grads: list[np.ndarray], fused: bool) -> Contender:
+    import torch
+
+    params = [torch.nn.Parameter(torch.from_numpy(x.copy())) for x in init]
+    for p, g in zip(params, grads):
+        p.grad = torch.from_numpy(g.copy())
+    kind = {"fused": True} if fused else {"foreach": True}
+    opt = torch.optim.SGD(params, lr=CONFIG["learning_rate"], momentum=CONFIG["momentum"],
+                          nesterov=CONFIG["nesterov"], weight_decay=CONFIG["weight_decay"], **kind)
+    with torch.no_grad():
+        averages = [p.detach().clone() for p in params]
+    weights = [p.detach() for p in params]
+
+    def step() -> None:
+        with torch.no_grad():
+            torch.nn.utils.clip_grad_norm_(params, CONFIG["global_clipnorm"], foreach=True)
+            opt.step()
+            torch._foreach_lerp_(averages, weights, 1 - CONFIG["ema_momentum"])
+
+    step()
+    return Contender(step)
+
+
+def _bound(params: list[Any], grads: list[Any]) -> Contender:
+    """The same bytes, read and written once: w, m and the average each updated in place
+    from the gradient (28 B per float32 parameter), under jax.jit with donation."""
+    import jax.numpy as jnp
+
+    def update(w: Any, m: Any, a: Any, g: Any) -> Any:
+        return [x + y for x, y in zip(w, g)], [x + y for x, y in zip(m, g)], [x + y for x, y in zip(a, g)]
+
+    zeros = [jnp.zeros_like(x) for x in params]
+    return _jit_contender(update, [params, zeros, [jnp.copy(x) for x in params]], (grads,), (0, 1, 2))
+
+
+def contenders(model: Model, art_dir: str) -> tuple[dict[str, Contender], dict[str, str]]:
+    """Every contender that can run here for `model`, and {name: why not} for those that cannot."""
+    import jax
+
+    init, grads_host = _inputs(model)
+    shardings = _shardings(model)
+
+    def put(values: list[np.ndarray]) -> list[Any]:
+        return [jax.device_put(x, s) for x, s in zip(values, shardings)]
+
+    grads = put(grads_host)
+    out: dict[str, Contender] = {}
+    skipped: dict[str, str] = {}
+    out.update(_sgdgen_apply(model, init, grads, art_dir))
+    if importlib.util.find_spec("sgdgen.integrations") and importlib.util.find_spec("sgdgen.integrations.jax"):
+        out["sgdgen_jax_step"] = _jax_step(model, put(init), grads)
+    else:
+        skipped["sgdgen_jax_step"] = "sgdgen.integrations.jax is not in this build"
+    out["optax"] = _optax(put(init), grads)
+    try:
+        out["keras"] = _keras(put(init), grads)
+    except (ImportError, RuntimeError) as e:
+        skipped["keras"] = str(e)
+    if importlib.util.find_spec("torch") is None:
+        skipped["torch_foreach"] = skipped["torch_fused"] = "torch is not installed (pip install 'sgdgen[bench]')"
+    elif model.mesh:
+        skipped["torch_foreach"] = skipped["torch_fused"] = "torch runs on one CPU device here, not on a jax mesh"
+    else:
+        out["torch_foreach"] = _torch(init, grads_host, fused=False)
+        out["torch_fused"] = _torch(init, grads_host, fused=True)
+    out["bound"] = _bound(put(init), grads)
+    return out, skipped
+
+
+# ---- measurement ----------------------------------------------------------------------
+
+def interleaved(steps: dict[str, Callable[[], None]], rounds: int, per_round: int | dict[str, int]
+                ) -> dict[str, list[float]]:
+    """ms per step of each function, one figure per round; each round runs every function
+    `per_round` times (or `per_round[name]`), starting from a different one each round."""
+    names = list(steps)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            reps = per_round[n] if isinstance(per_round, dict) else per_round
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                steps[n]()
+            times[n].append((time.perf_counter() - t0) * 1e3 / reps)
+    return times
+
+
+def _repeats(steps: dict[str, Callable[[], None]], per_round: int, slow_s: float = 0.2) -> dict[str, int]:
+    """`per_round` for each function, 1 for one whose (warm) step takes over `slow_s` seconds
+    (torch's fused CPU SGD on hundreds of tensors), so that it does not dominate the run."""
+    reps = {}
+    for n, f in steps.items():
+        t0 = time.perf_counter()
+        f()
+        reps[n] = 1 if time.perf_counter() - t0 > slow_s else per_round
+    return reps
+
+
+def summary(ms: list[float]) -> dict[str, float]:
+    """Median and the 25th/75th percentiles (ms)."""
+    q = np.percentile(ms, [25, 50, 75])
+    return {"median_ms": float(q[1]), "p25_ms": float(q[0]), "p75_ms": float(q[2])}
+
+
+def _cost_bytes(executable: Any) -> float | None:
+    """Bytes XLA's cost analysis says the program accesses, or None where it says nothing."""
+    try:
+        cost = executable.cost_analysis()
+    except Exception:
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    value = (cost or {}).get("bytes accessed")
+    return float(value) if value is not None else None
+
+
+def _memory(executable: Any) -> dict[str, int] | None:
+    try:
+        m = executable.memory_analysis()
+    except Exception:
+        return None
+    return {"temp_bytes": int(m.temp_size_in_bytes), "argument_bytes": int(m.argument_size_in_bytes),
+            "alias_bytes": int(m.alias_size_in_bytes)}
+
+
+def _hlo(c: Contender) -> str:
+    from sgdgen import backend
+
+    if c.sgdgen_exe is not None:
+        return backend.hlo_text(c.sgdgen_exe)
+    return c.compiled.as_text() if c.compiled is not None else ""
+
+
+def bench_model(model: Model, *, rounds: int, per_round: int) -> dict[str, Any]:
+    """Times every contender on `model` (interleaved) and reads their compiled programs."""
+    from sgdgen import backend
+
     with tempfile.TemporaryDirectory() as art_dir:
-        os.environ["SGDGEN_CACHE_DIR"] = cache
-        prog.clear_memory_cache()
-        prog.configure_persistent_cache(cache)
-        variables = [sgdgen.Variable(x, name=f"v{i}") for i, x in enumerate(init)]
-        opt = sgdgen.SGD(**kw)
+        found, skipped = contenders(model, art_dir)
+        steps = {n: c.step for n, c in found.items()}
+        times = interleaved(steps, rounds, _repeats(steps, per_round))
+    stats = {n: summary(t) for n, t in times.items()}
+    bound = stats["bound"]["median_ms"]
+    peers = [stats[p]["median_ms"] for p in PEERS if p in stats]
+    best_peer = min(peers) if peers else None
+    state_bytes = model.parameters * 4 * 3 + 8  # parameters, momenta, averages (float32) and iterations
+    for name, c in found.items():
+        row = stats[name]
+        row["x_bound"] = row["median_ms"] / bound
+        if best_peer is not None:
+            row["x_best_peer"] = row["median_ms"] / best_peer
+        exe = c.sgdgen_exe if c.sgdgen_exe is not None else c.compiled
+        if exe is not None:
+            nbytes = _cost_bytes(exe)
+            if nbytes is not None:
+                row["bytes_per_param"] = nbytes / model.parameters
+            mem = backend.memory_stats(exe) if c.sgdgen_exe is not None else None
+            if mem is not None:
+                row["temp_bytes"] = mem["temp_size_in_bytes"]
+            else:
+                jm = _memory(exe)
+                if jm is not None:
+                    row["temp_bytes"] = jm["temp_bytes"]
+            if "temp_bytes" in row:
+                row["peak_over_state"] = (state_bytes + row["temp_bytes"]) / state_bytes
+            hlo = _hlo(c)
+            row["all_reduce"] = hlo.count("all-reduce(") + hlo.count("all-reduce-start(")
+    return {"variables": len(model.shapes), "parameters": model.parameters, "mesh": model.mesh or "1 device",
+            "state_bytes": state_bytes, "contenders": stats, "skipped": skipped}
+
+
+# ---- program-level measurements -------------------------------------------------------
+
+def excess_precision(model: Model, *, rounds: int, per_round: int) -> dict[str, Any]:
+    """The float32 step compiled with and without `xla_allow_excess_precision=false`, timed
+    interleaved through the same runtime path (sgdgen.runtime.core.Step)."""
+    import jax
+
+    from sgdgen import backend
+    from sgdgen.api.sgd import SGD
+    from sgdgen.frontend.spec import Mesh, VarSpec
+    from sgdgen.runtime.cache import ExecutableCache
+    from sgdgen.runtime.core import Step
+    from sgdgen.runtime.executable import StepExecutable
+    from sgdgen.runtime.program import StepProgram
+
+    mesh = Mesh(())
+    specs = tuple(VarSpec.create(f"v{i}", s, "float32", mesh) for i, s in enumerate(model.shapes))
+    program = StepProgram(SGD(**CONFIG).config, specs, mesh)
+    devices = backend.devices_for(mesh.device_ids)
+    init, grads_host = _inputs(model)
+    grads = [jax.device_put(g) for g in grads_host]
+    runs = {}
+    for strict in (True, False):
+        cache = ExecutableCache(None)
+        exe = backend.compile_text(program.lowered_text, devices, strict_precision=strict)
+        cache.put(program, StepExecutable.wrap(exe, program.abi, mesh))
+        core = Step(program, cache)
+        box = [[jax.device_put(x) for x in init]]
+        box.append(core.init(box[0]))
+
+        def step(core: Step = core, box: list[Any] = box) -> None:
+            box[0], box[1] = core.apply(box[1], box[0], grads, CONFIG["learning_rate"])
+            jax.block_until_ready(box[0])
+
+        step()
+        runs["strict" if strict else "excess_allowed"] = step
+    times = interleaved(runs, rounds, per_round)
+    out: dict[str, Any] = {n: summary(t) for n, t in times.items()}
+    out["saved_ms"] = out["strict"]["median_ms"] - out["excess_allowed"]["median_ms"]
+    out["model"] = model.name
+    return out
+
+
+def norm_sum(model: Model, *, rounds: int, per_round: int, block: int = 1024) -> dict[str, Any]:
+    """The global norm's sum of squares three ways (float64; float32 partial sums per `block`
+    elements combined in float64; plain float32), timed interleaved, each with its error against
+    the exact sum (float32 squares are exact in float64; math.fsum rounds their sum once)."""
+    import jax
+    import jax.numpy as jnp
+
+    _, grads_host = _inputs(model)
+    exact = math.sqrt(math.fsum(float(v) for g in grads_host for v in np.square(g.astype(np.float64)).ravel()))
+    with jax.enable_x64(True):
         grads = [jax.device_put(g) for g in grads_host]
-        t0 = time.perf_counter()
-        opt.build(variables)
-        p = opt._program(variables, opt.config, [True] * len(variables))
-        prog.executable_for(p)
-        compile_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        opt.apply_gradients(zip(grads, variables))
-        jax.block_until_ready([v.value for v in variables])
-        first_compile_ms = (time.perf_counter() - t0) * 1e3
-        opt.save_artifact(art_dir)
-        prog.clear_memory_cache()
-        fresh = [sgdgen.Variable(x, name=f"v{i}") for i, x in enumerate(init)]
-        t0 = time.perf_counter()
-        opt2 = sgdgen.SGD.load_artifact(art_dir, fresh)
-        load_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        opt2.apply_gradients(zip(grads, fresh))
-        jax.block_until_ready([v.value for v in fresh])
-        first_load_ms = (time.perf_counter() - t0) * 1e3
 
-        def sgdgen_step() -> None:
-            opt.apply_gradients(zip(grads, variables))
-            jax.block_until_ready([v.value for v in variables])
+        def wide(g: list[Any]) -> Any:
+            return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float64))) for x in g)).astype(jnp.float32)
 
-        sgdgen_ms = _median_ms(sgdgen_step, steps)
+        def blocked(g: list[Any]) -> Any:
+            parts = [jnp.sum(jnp.square(jnp.pad(x.ravel(), (0, -x.size % block)).reshape(-1, block)), axis=1)
+                     for x in g]
+            return jnp.sqrt(sum(jnp.sum(p.astype(jnp.float64)) for p in parts)).astype(jnp.float32)
 
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.01, momentum=0.9, nesterov=True))
-    params = [jax.device_put(x) for x in init]
-    state = tx.init(params)
+        def narrow(g: list[Any]) -> Any:
+            return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in g))
 
-    def update(params: Any, state: Any, grads: Any) -> Any:
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
+        fns = {"float64": wide, "float32_blocked": blocked, "float32": narrow}
+        compiled = {n: jax.jit(f).lower(grads).compile() for n, f in fns.items()}
+        steps = {n: (lambda c=c: c(grads).block_until_ready()) for n, c in compiled.items()}
+        times = interleaved(steps, rounds, per_round)
+        values = {n: float(c(grads)) for n, c in compiled.items()}
+    ulp = float(np.spacing(np.float32(exact)))
+    out: dict[str, Any] = {n: {**summary(t), "error_ulp": abs(values[n] - exact) / ulp} for n, t in times.items()}
+    out["model"], out["block"] = model.name, block
+    return out
+
+
+def scale(sizes: tuple[int, ...]) -> dict[str, Any]:
+    """Seconds of each stage before XLA (stage-0 text, the pass pipeline) at each number of
+    variables (mixed small shapes, CONFIG, one device), and the exponent k of a least-squares
+    fit of seconds ~ N^k over the sizes (issue 15 wants every stage linear: k ~ 1)."""
+    from sgdgen.api.sgd import SGD
+    from sgdgen.frontend.spec import Mesh, VarSpec
+    from sgdgen.runtime.program import StepProgram
+
+    small = [(160, 160), (256,), (64, 96), (96,)]
+    config = SGD(**CONFIG).config
+    mesh = Mesh(())
+    rows: dict[str, list[float]] = {"stage0_s": [], "passes_s": []}
+    _ = StepProgram(config, (VarSpec.create("w", [4], "float32", mesh),), mesh).lowered_text  # templates, MLIR
+    for n in sizes:
+        specs = tuple(VarSpec.create(f"v{i}", small[i % 4], "float32", mesh) for i in range(n))
+        program = StepProgram(config, specs, mesh)
+        t0 = time.perf_counter()
+        _ = program.stage0_text
+        t1 = time.perf_counter()
+        _ = program.lowered_text
+        rows["stage0_s"].append(t1 - t0)
+        rows["passes_s"].append(time.perf_counter() - t1)
+    logn = np.log(np.asarray(sizes, float))
+    out: dict[str, Any] = {"variables": list(sizes), **rows}
+    for stage, secs in rows.items():
+        out[stage.replace("_s", "_exponent")] = float(np.polyfit(logn, np.log(secs), 1)[0])
+    return out
+
+
+# ---- cold start (new processes) -------------------------------------------------------
+
+def cold_start_child(mode: str, model: Model, art_dir: str) -> dict[str, float]:
+    """In a new process: seconds from the end of the imports to the first finished step."""
+    import jax
+    import optax  # noqa: F401  (imported by every mode, so the timed span starts after the same imports)
+
+    import sgdgen
 
     t0 = time.perf_counter()
-    jitted = jax.jit(update, donate_argnums=(0, 1)).lower(params, state, grads).compile()
-    optax_compile_s = time.perf_counter() - t0
-    box = [params, state]
-
-    def optax_step() -> None:
-        box[0], box[1] = jitted(box[0], box[1], grads)
-        jax.block_until_ready(box[0])
-
-    optax_step()
-    optax_ms = _median_ms(optax_step, steps)
-    nparams = sum(int(np.prod(s)) for s in shapes)
-    moved = nparams * 4 * (3 + 2)  # read w, g, m; write w, m
-    return BenchRow(name, len(shapes), nparams, compile_s, first_compile_ms, load_s, first_load_ms, optax_compile_s,
-                    sgdgen_ms, optax_ms, moved / (sgdgen_ms * 1e-3) / 1e9, _copy_bandwidth(max(moved, 1 << 24)))
+    init, grads_host = _inputs(model)
+    grads = [jax.device_put(g) for g in grads_host]
+    if mode == "optax":
+        c = _optax([jax.device_put(x) for x in init], grads)  # trace + compile + first step
+        del c
+    else:
+        variables = [sgdgen.Variable(x, name=f"v{i}") for i, x in enumerate(init)]
+        opt = sgdgen.SGD(**CONFIG) if mode == "compile" else sgdgen.SGD.load_artifact(art_dir, variables)
+        opt.apply_gradients(zip(grads, variables))
+        jax.block_until_ready([v.value for v in variables])
+    return {"first_step_s": time.perf_counter() - t0}
 
 
-def run(models: dict[str, list[tuple[int, ...]]] | None = None, *, steps: int = 30) -> list[BenchRow]:
-    """Every model, each from empty caches; the process's cache settings are restored afterwards."""
-    with scratch_cache() as root:
-        return [bench_model(name, shapes, steps=steps, cache_root=root) for name, shapes in (models or MODELS).items()]
+def _child(args: list[str], env: dict[str, str] | None = None) -> tuple[dict[str, Any], float]:
+    """Runs this module in a new process; returns its JSON answer and the whole process's seconds."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "sgdgen.tools.benchmark", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, check=False)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark child {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1]), wall
 
 
-def table(rows: list[BenchRow]) -> str:
-    """A Markdown table of the rows."""
-    head = ("model", "vars", "compile s", "1st step ms", "load s", "1st step after load ms", "optax trace+compile s",
-            "sgdgen ms/step", "optax ms/step", "sgdgen GB/s", "copy GB/s")
+def cold_start(model: Model, quick: bool, repeats: int) -> dict[str, Any]:
+    """Median over `repeats` new processes of each way to a first step: sgdgen compiling from
+    source (no on-disk cache), sgdgen loading an artifact, optax's trace + compile + step."""
+    import sgdgen
+
+    out: dict[str, Any] = {"model": model.name}
+    with tempfile.TemporaryDirectory() as art_dir:
+        init, _ = _inputs(model)
+        opt = sgdgen.SGD(**CONFIG)
+        opt.build([sgdgen.Variable(x, name=f"v{i}") for i, x in enumerate(init)])
+        opt.save_artifact(art_dir)
+        for mode in ("compile", "load", "optax"):
+            runs = [_child(["--cold", mode, "--model", model.name, "--artifact", art_dir] + (["--quick"] if quick else []),
+                           {"SGDGEN_CACHE_DIR": ""}) for _ in range(repeats)]
+            out[mode] = {"first_step_s": statistics.median(r["first_step_s"] for r, _ in runs),
+                         "process_s": statistics.median(w for _, w in runs)}
+    out["optax_over_load"] = out["optax"]["first_step_s"] / out["load"]["first_step_s"]
+    out["compile_over_optax"] = out["compile"]["first_step_s"] / out["optax"]["first_step_s"]
+    return out
+
+
+# ---- the whole run, its table and plot -------------------------------------------------
+
+def machine() -> dict[str, Any]:
+    """CPU model, core count, load, library versions."""
+    import jax
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {"jax": jax.__version__}
+    for mod in ("optax", "keras", "torch"):
+        if importlib.util.find_spec(mod):
+            try:
+                versions[mod] = __import__(mod).__version__
+            except Exception as e:  # a broken optional install is reported, not fatal
+                versions[mod] = f"unusable: {e}"
+    return {"cpu": cpu, "cores": os.cpu_count(), "load_average": list(os.getloadavg()),
+            "device": jax.devices()[0].device_kind, "platform": jax.devices()[0].platform, "versions": versions}
+
+
+def run(*, quick: bool = False, rounds: int | None = None, per_round: int | None = None,
+        only: list[str] | None = None, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """The whole benchmark (see the module docstring) as a JSON-ready dict."""
+    from sgdgen.runtime.cache import ExecutableCache, set_default_cache
+
+    # No on-disk cache: every executable is compiled in this process, so no timing depends on
+    # what an earlier run left on disk (cold starts are measured in new processes).
+    previous = set_default_cache(ExecutableCache(None))
+    try:
+        return _run(quick, rounds, per_round, only, log)
+    finally:
+        set_default_cache(previous)
+
+
+def _run(quick: bool, rounds: int | None, per_round: int | None, only: list[str] | None,
+         log: Callable[[str], None]) -> dict[str, Any]:
+    rounds = rounds or (3 if quick else 9)
+    per_round = per_round or (2 if quick else 5)
+    all_models = models(quick)
+    result: dict[str, Any] = {"command": "sgdgen bench" + (" --quick" if quick else ""), "quick": quick,
+                              "config": CONFIG, "rounds": rounds, "steps_per_round": per_round,
+                              "machine": machine(), "models": {}}
+    for name, model in all_models.items():
+        if only and name not in only:
+            continue
+        log(f"model {name} ({len(model.shapes)} variables, {model.parameters:,} parameters)")
+        if model.mesh:
+            answer, _ = _child(["--worker", name, "--rounds", str(rounds), "--steps", str(per_round)]
+                               + (["--quick"] if quick else []),
+                               {"SGDGEN_CACHE_DIR": "", "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "")
+                                              + " --xla_force_host_platform_device_count=8").strip()})
+            result["models"][name] = answer
+        else:
+            result["models"][name] = bench_model(model, rounds=rounds, per_round=per_round)
+    if not only or "program" in only:
+        log("program: excess precision, norm sum")
+        few = all_models["few-large"]
+        result["program"] = {"excess_precision": excess_precision(few, rounds=rounds, per_round=per_round),
+                             "norm_sum": norm_sum(few, rounds=rounds, per_round=per_round)}
+    if not only or "scale" in only:
+        sizes = (50, 100, 200) if quick else (400, 1600, 6400)
+        log(f"scale: stages before XLA at {sizes} variables")
+        result["scale"] = scale(sizes)
+    if not only or "cold" in only:
+        log("cold start (new processes)")
+        result["cold_start"] = cold_start(all_models["many-small"], quick, 1 if quick else 3)
+    return result
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+def notes(result: dict[str, Any]) -> list[str]:
+    """Issue 15's CPU targets, each stated as met or missed with the figures of this run."""
+    out = []
+    for name, m in result["models"].items():
+        c = m["contenders"]
+        sg = c["sgdgen"]
+        peers = {p: c[p]["median_ms"] for p in PEERS if p in c}
+        best = min(peers, key=peers.get) if peers else None
+        line = f"{name}: sgdgen {sg['x_bound']:.2f}x bound"
+        if best:
+            line += f", {sg['x_best_peer']:.2f}x the best peer ({best})"
+        if name == "few-large":
+            line += f" -- target <= 1.2x bound and faster than every peer: {_verdict(sg['x_bound'] <= 1.2 and sg['x_best_peer'] < 1)}"
+        elif name == "many-small":
+            line += f" -- target <= 1.5x bound: {_verdict(sg['x_bound'] <= 1.5)}"
+        if "sgdgen_jax_step" in c and "keras" in c:
+            r = c["sgdgen_jax_step"]["median_ms"] / c["keras"]["median_ms"]
+            line += f"; jax_step {r:.2f}x Keras in jit (target <= 1: {_verdict(r <= 1)})"
+        if "peak_over_state" in sg:
+            line += f"; peak {sg['peak_over_state']:.4f}x state (target <= 1.01: {_verdict(sg['peak_over_state'] <= 1.01)})"
+        out.append(line)
+    cold = result.get("cold_start")
+    if cold:
+        out.append(f"cold start ({cold['model']}, first step after imports): load {cold['load']['first_step_s']:.2f} s, "
+                   f"compile {cold['compile']['first_step_s']:.2f} s, optax {cold['optax']['first_step_s']:.2f} s; "
+                   f"optax/load {cold['optax_over_load']:.1f}x (target >= 20: {_verdict(cold['optax_over_load'] >= 20)}), "
+                   f"compile/optax {cold['compile_over_optax']:.2f}x (target <= 1: "
+                   f"{_verdict(cold['compile_over_optax'] <= 1)}); whole process: load {cold['load']['process_s']:.2f} s, "
+                   f"compile {cold['compile']['process_s']:.2f} s, optax {cold['optax']['process_s']:.2f} s")
+    sc = result.get("scale")
+    if sc:
+        out.append(f"scale ({sc['variables'][0]}-{sc['variables'][-1]} variables): stage-0 " + "/".join(
+            f"{x:.2f}" for x in sc["stage0_s"]) + " s, passes " + "/".join(f"{x:.2f}" for x in sc["passes_s"])
+            + f" s; fitted exponent stage-0 {sc['stage0_exponent']:.2f}, passes {sc['passes_exponent']:.2f} "
+            f"(target ~1: {_verdict(max(sc['stage0_exponent'], sc['passes_exponent']) <= 1.15)})")
+    prog = result.get("program")
+    if prog:
+        ep, ns = prog["excess_precision"], prog["norm_sum"]
+        out.append(f"float32 {ep['model']} step: strict precision {ep['strict']['median_ms']:.2f} ms, excess allowed "
+                   f"{ep['excess_allowed']['median_ms']:.2f} ms (saved {ep['saved_ms']:.2f} ms)")
+        out.append("global-norm sum on " + ns["model"] + ": " + ", ".join(
+            f"{k} {ns[k]['median_ms']:.2f} ms ({ns[k]['error_ulp']:.2f} ulp)" for k in ("float64", "float32_blocked",
+                                                                                       "float32")))
+    return out
+
+
+COLUMNS = ("sgdgen", "sgdgen_artifact", "sgdgen_jax_step", "optax", "keras", "torch_foreach", "torch_fused", "bound")
+
+
+def table(result: dict[str, Any]) -> Any:
+    """A rich Table: per model and contender, median ms (spread) and its ratio to the bound."""
+    from rich.table import Table
+
+    t = Table(title=f"{result['command']}: ms per step, median \\[p25-p75] (x bound); {result['machine']['cpu']}, "
+                    f"{result['machine']['cores']} cores")
+    t.add_column("model")
+    for c in COLUMNS:
+        t.add_column(c, justify="right")
+    for name, m in result["models"].items():
+        cells = []
+        for c in COLUMNS:
+            s = m["contenders"].get(c)
+            cells.append("-" if s is None else
+                         f"{s['median_ms']:.2f} [{s['p25_ms']:.2f}-{s['p75_ms']:.2f}] ({s['x_bound']:.2f}x)")
+        t.add_row(f"{name} ({m['variables']} vars)", *cells)
+    return t
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The table of `table` as Markdown (for README.md): median ms (x bound) per contender."""
+    head = ["model"] + list(COLUMNS)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        lines.append(f"| {r.model} | {r.variables} | {r.sgdgen_compile_s:.2f} | {r.sgdgen_first_step_after_compile_ms:.1f}"
-                     f" | {r.sgdgen_load_s:.2f} | {r.sgdgen_first_step_after_load_ms:.1f} | "
-                     f"{r.optax_trace_compile_s:.2f} | {r.sgdgen_step_ms:.2f} | {r.optax_step_ms:.2f} | "
-                     f"{r.sgdgen_gb_per_s:.1f} | {r.copy_gb_per_s:.1f} |")
+    for name, m in result["models"].items():
+        cells = [f"{name} ({m['variables']} vars, {m['parameters'] / 1e6:.1f}M, {m['mesh']})"]
+        for c in COLUMNS:
+            s = m["contenders"].get(c)
+            cells.append("-" if s is None else f"{s['median_ms']:.2f} ({s['x_bound']:.2f}x)")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def as_dicts(rows: list[BenchRow]) -> list[dict[str, Any]]:
-    return [asdict(r) for r in rows]
+def plot(result: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """Bars of each contender's median step time over the bound's, per model (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["models"])
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    width = 0.8 / len(COLUMNS)
+    colors = plt.get_cmap("tab10").colors
+    for k, c in enumerate(COLUMNS):
+        xs = [i + k * width for i, n in enumerate(names) if c in result["models"][n]["contenders"]]
+        ys = [result["models"][n]["contenders"][c]["x_bound"] for n in names if c in result["models"][n]["contenders"]]
+        if xs:
+            ax.bar(xs, ys, width, label=c, color=colors[k % len(colors)])
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_yscale("log")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names)
+    ax.set_ylabel("step time / bound (log scale, lower is better)")
+    ax.set_title(f"{result['command']} - {result['machine']['cpu']}, {result['machine']['cores']} cores")
+    ax.legend(ncol=4, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _main(argv: list[str]) -> int:
+    """The child entry points: `--cold MODE --model NAME --artifact DIR` and `--worker NAME`."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m sgdgen.tools.benchmark")
+    p.add_argument("--cold", choices=("compile", "load", "optax"))
+    p.add_argument("--worker")
+    p.add_argument("--model")
+    p.add_argument("--artifact")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=2)
+    args = p.parse_args(argv)
+    all_models = models(args.quick)
+    if args.cold:
+        answer: dict[str, Any] = cold_start_child(args.cold, all_models[args.model], args.artifact)
+    else:
+        answer = bench_model(all_models[args.worker], rounds=args.rounds, per_round=args.steps)
+    print(json.dumps(answer))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    sys.exit(_main(sys.argv[1:]))

@@ -134,8 +134,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
     program = _load_program(args)
     _ensure_devices(program.mesh.size)
     out = Path(args.output)
+    platforms = None if args.platforms is None else [p for p in args.platforms.split(",") if p.strip()]
     try:
-        artifact.write(program, out)
+        artifact.write(program, out, platforms=platforms)
     except artifact.ArtifactError as e:  # a target it must not replace (a file, a symlink, not an artifact)
         raise UsageError(f"-o {out}: {e}") from e
     except RuntimeError as e:  # e.g. the mesh needs more devices than this process has
@@ -205,23 +206,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    """Runs sgdgen.tools.benchmark; the table goes to stdout, or to stderr when the JSON does."""
     import os
-    import platform
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    from rich.console import Console
+
     from sgdgen.tools import benchmark
 
-    models = benchmark.MODELS
-    if args.quick:
-        models = dict(list(models.items())[:2])
-    rows = benchmark.run(models, steps=args.steps)
-    import jax
-
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}, "
-          f"device {jax.devices()[0].device_kind}; command: sgdgen bench" + (" --quick" if args.quick else ""))
-    print(benchmark.table(rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps(benchmark.as_dicts(rows), indent=2))
+    to_stdout = args.json == "-"
+    console = Console(stderr=to_stdout, width=220)
+    only = [x.strip() for x in args.only.split(",") if x.strip()] if args.only else None
+    result = benchmark.run(quick=args.quick, rounds=args.rounds, per_round=args.steps, only=only,
+                           log=lambda s: console.print(f"[dim]{s}[/dim]"))
+    if args.markdown:
+        console.print(benchmark.markdown(result), markup=False, highlight=False)
+    else:
+        console.print(benchmark.table(result))
+    for note in benchmark.notes(result):
+        console.print(note)
+    if args.plot:
+        benchmark.plot(result, args.plot)
+    text = json.dumps(result, indent=1)
+    if to_stdout:
+        print(text)
+    elif args.json:
+        Path(args.json).write_text(text + "\n")
     return 0
 
 
@@ -252,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="write an artifact directory (step.mlir, step.mlirbc, manifest, executable)")
     _add_step_args(p)
     p.add_argument("-o", "--output", required=True, help="artifact directory to write")
+    p.add_argument("--platforms", default=None,
+                   help="comma-separated platforms step.jaxexport is lowered for, e.g. cpu,cuda,tpu "
+                        "(default: this machine's; an empty string: no jax.export module)")
     p.set_defaults(func=cmd_compile)
     p = sub.add_parser("inspect", help="verify an artifact and summarise it (exit 1 if it does not verify)")
     p.add_argument("artifact", help="artifact directory")
@@ -270,11 +284,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="epochs to train, 16 steps each (default: 8)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (the per-epoch loss is still printed)")
     p.set_defaults(func=cmd_demo)
-    p = sub.add_parser("bench", help="time the step against optax and the memory-bandwidth bound")
-    p.add_argument("--steps", type=int, default=30, metavar="N", help="steps per timing, the median is reported "
-                                                                       "(default: 30)")
-    p.add_argument("--quick", action="store_true", help="the two small models only")
-    p.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON to FILE")
+    p = sub.add_parser("bench", help="time the step against optax, Keras 3, torch and the memory bound")
+    p.add_argument("--quick", action="store_true", help="CI-sized models and rounds (under a minute)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 9; 3 with --quick)")
+    p.add_argument("--steps", type=int, default=None, help="steps per contender per round (default 5; 2 with --quick)")
+    p.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
+                   help="write the results as JSON to FILE (stdout when FILE is omitted; the table then goes to stderr)")
+    p.add_argument("--markdown", action="store_true", help="print the table as Markdown (as in README.md)")
+    p.add_argument("--only", default=None, metavar="NAMES",
+                   help="comma-separated parts to run: model names, 'program', 'cold' (default: all)")
+    p.add_argument("--plot", default=None, metavar="PNG", help="write a bar plot (x bound per model) to this file")
     p.set_defaults(func=cmd_bench)
     return parser
 

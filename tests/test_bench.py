@@ -1,0 +1,177 @@
+"""`sgdgen bench` and the precision flag the benchmark measures.
+
+The benchmark test checks structure and sanity only (every figure present, finite, timings
+positive): timings on a shared CI machine are not asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from sgdgen.tools import benchmark
+
+TIMING_KEYS = ("median_ms", "p25_ms", "p75_ms")
+
+
+def _numbers(value: Any, path: str = "") -> list[tuple[str, float]]:
+    """Every number in a JSON value, with where it sits."""
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, (int, float)):
+        return [(path, float(value))]
+    if isinstance(value, dict):
+        return [n for k, v in value.items() for n in _numbers(v, f"{path}/{k}")]
+    if isinstance(value, list):
+        return [n for i, v in enumerate(value) for n in _numbers(v, f"{path}[{i}]")]
+    return []
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
+    """`sgdgen bench --quick --json --plot FILE` in a new process on one device, as CI runs it."""
+    png = tmp_path_factory.mktemp("bench") / "bench.png"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, "-c", "import sys; from sgdgen.tools.cli import main; sys.exit(main())",
+                           "bench", "--quick", "--json", "--plot", str(png)],
+                          capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "few-large" in proc.stderr  # the table goes to stderr when the JSON takes stdout
+    return json.loads(proc.stdout), png
+
+
+def test_quick_json_has_every_model_contender_and_measurement(quick_run: tuple[dict[str, Any], Path]) -> None:
+    result, _ = quick_run
+    assert result["quick"] is True and result["command"] == "sgdgen bench --quick"
+    assert set(result["models"]) == set(benchmark.models(quick=True))
+    for name, model in result["models"].items():
+        ran = set(model["contenders"])
+        assert {"sgdgen", "sgdgen_artifact", "optax", "keras", "bound"} <= ran, name
+        assert ran | set(model["skipped"]) == set(benchmark.COLUMNS), name  # each column ran or says why not
+        assert all(isinstance(why, str) and why for why in model["skipped"].values())
+        for contender, row in model["contenders"].items():
+            for key in TIMING_KEYS + ("x_bound",):
+                assert row[key] > 0, (name, contender, key)
+            assert row["p25_ms"] <= row["median_ms"] <= row["p75_ms"]
+        sg = model["contenders"]["sgdgen"]
+        assert {"bytes_per_param", "temp_bytes", "peak_over_state", "all_reduce", "x_best_peer"} <= set(sg)
+        assert math.isclose(model["contenders"]["bound"]["x_bound"], 1.0)
+    assert result["models"][benchmark.MESH_MODEL]["contenders"]["sgdgen"]["all_reduce"] >= 1  # the global norm
+    cold = result["cold_start"]
+    for mode in ("compile", "load", "optax"):
+        assert 0 < cold[mode]["first_step_s"] < cold[mode]["process_s"]
+    sc = result["scale"]
+    assert len(sc["variables"]) == len(sc["stage0_s"]) == len(sc["passes_s"]) >= 3
+    assert math.isfinite(sc["stage0_exponent"]) and math.isfinite(sc["passes_exponent"])
+    program = result["program"]
+    assert {"strict", "excess_allowed", "saved_ms"} <= set(program["excess_precision"])
+    assert {"float64", "float32_blocked", "float32"} <= set(program["norm_sum"])
+
+
+def test_quick_json_numbers_are_finite_and_not_negative(quick_run: tuple[dict[str, Any], Path]) -> None:
+    result, _ = quick_run
+    # a difference (saved_ms) and a fitted exponent may have either sign
+    numbers = _numbers({k: v for k, v in result.items() if k not in ("program", "scale")})
+    numbers += _numbers({k: v for k, v in result["scale"].items() if not k.endswith("_exponent")})
+    assert numbers
+    bad = [(p, v) for p, v in numbers if not math.isfinite(v) or v < 0]
+    assert not bad
+    saved = result["program"]["excess_precision"]["saved_ms"]  # a difference: either sign
+    assert math.isfinite(saved)
+
+
+def test_quick_run_writes_a_png(quick_run: tuple[dict[str, Any], Path]) -> None:
+    _, png = quick_run
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_interleaved_rotates_the_order_and_summary_is_the_quartiles() -> None:
+    calls: list[str] = []
+    times = benchmark.interleaved({n: (lambda n=n: calls.append(n)) for n in "abc"}, rounds=3, per_round=2)
+    assert calls == list("aabbcc" "bbccaa" "ccaabb")
+    assert all(len(t) == 3 for t in times.values())
+    ms = [5.0, 1.0, 3.0, 9.0]
+    s = benchmark.summary(ms)
+    assert s["median_ms"] == np.median(ms)
+    assert (s["p25_ms"], s["p75_ms"]) == tuple(np.percentile(ms, [25, 75]))
+
+
+def test_notes_state_each_target_met_or_missed() -> None:
+    def row(ms: float, bound: float, best: float) -> dict[str, float]:
+        return {"median_ms": ms, "x_bound": ms / bound, "x_best_peer": ms / best}
+
+    result = {"models": {
+        "few-large": {"contenders": {"sgdgen": row(1.1, 1.0, 1.5), "optax": row(1.5, 1.0, 1.5), "bound": row(1, 1, 1.5)}},
+        "many-small": {"contenders": {"sgdgen": row(2.0, 1.0, 1.5), "optax": row(1.5, 1.0, 1.5),
+                                      "bound": row(1, 1, 1.5)}}}}
+    few, many = benchmark.notes(result)
+    assert few.endswith(": met") and "1.10x bound" in few
+    assert many.endswith(": MISSED") and "2.00x bound" in many
+
+
+# ---- excess precision only where a 16-bit variable needs it ----------------------------
+
+def _program(dtypes: list[str], shape: tuple[int, ...] = (4, 4), **config: Any) -> Any:
+    from sgdgen.api.sgd import SGD
+    from sgdgen.frontend.spec import Mesh, VarSpec
+    from sgdgen.runtime.program import StepProgram
+
+    mesh = Mesh(())
+    specs = tuple(VarSpec.create(f"v{i}", list(shape), d, mesh) for i, d in enumerate(dtypes))
+    return StepProgram(SGD(**(config or dict(learning_rate=0.1, momentum=0.9))).config, specs, mesh)
+
+
+@pytest.mark.parametrize("dtypes,strict", [(["float32"], False), (["float32", "float64"], False),
+                                           (["float32", "bfloat16"], True), (["float16"], True)])
+def test_the_cache_compiles_strictly_only_with_a_16_bit_variable(monkeypatch: pytest.MonkeyPatch,
+                                                                 dtypes: list[str], strict: bool) -> None:
+    from sgdgen import backend
+    from sgdgen.runtime.cache import ExecutableCache, needs_strict_precision
+
+    seen: list[bool] = []
+    real = backend.compile_text
+
+    def recording(text: str, devices: Any, *, strict_precision: bool = True) -> Any:
+        seen.append(strict_precision)
+        return real(text, devices, strict_precision=strict_precision)
+
+    monkeypatch.setattr(backend, "compile_text", recording)
+    program = _program(dtypes)
+    assert needs_strict_precision(program) is strict
+    ExecutableCache(None).get(program)
+    assert seen == [strict]
+
+
+def test_precision_is_in_the_options_and_the_cache_key() -> None:
+    from sgdgen import backend
+
+    devices = backend.devices_for([0])
+    strict = backend.compile_options(devices, strict_precision=True)
+    loose = backend.compile_options(devices, strict_precision=False)
+    assert ("xla_allow_excess_precision", False) in list(strict.env_option_overrides)
+    assert not list(loose.env_option_overrides)
+    assert (backend.cache_key_material(devices, strict_precision=True)
+            != backend.cache_key_material(devices, strict_precision=False))
+    assert backend.compile_options(devices).SerializeAsString() == strict.SerializeAsString()  # the safe default
+
+
+def test_strict_precision_changes_a_bfloat16_program_and_not_a_float32_one() -> None:
+    """Why the flag is kept for 16-bit programs: without it XLA drops the rounding converts of a
+    bfloat16 step (fewer `convert`s in the optimized HLO); a float32 step's HLO is unchanged."""
+    from sgdgen import backend
+
+    devices = backend.devices_for([0])
+    for dtype, changes in (("bfloat16", True), ("float32", False)):
+        text = _program([dtype, dtype], (64, 64), **benchmark.CONFIG).lowered_text
+        strict, loose = (backend.hlo_text(backend.compile_text(text, devices, strict_precision=s)) for s in (True, False))
+        assert (strict != loose) is changes, dtype
+        if changes:
+            assert strict.count("convert") > loose.count("convert")
