@@ -23,20 +23,23 @@ class PassInfo:
 
     name: str
     summary: str
-    run: Callable[[Any, Any], None]
+    run: Callable[..., None]
+    #: option names the pass takes in a pipeline (`name{option=value}`), passed to `run` as keywords
+    options: tuple[str, ...] = ()
 
 
 PASSES: dict[str, PassInfo] = {}
 
 
-def register(name: str, summary: str) -> Callable[[Callable[[Any, Any], None]], Callable[[Any, Any], None]]:
-    """Decorator: registers `run(op, pass_)` under `name`."""
+def register(name: str, summary: str, options: tuple[str, ...] = ()) -> Callable[[Callable[..., None]],
+                                                                               Callable[..., None]]:
+    """Decorator: registers `run(op, pass_, **options)` under `name`."""
 
-    def wrap(run: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
-        PASSES[name] = PassInfo(name, summary, run)
+    def wrap(run: Callable[..., None]) -> Callable[..., None]:
+        PASSES[name] = PassInfo(name, summary, run, options)
         return run
 
     return wrap
 
 
-from sgdgen.passes import alias_buffers, fuse_step, insert_collectives  # noqa: E402,F401  (registration)
+from sgdgen.passes import alias_buffers, fuse_step, insert_collectives, shard_weight_update  # noqa: E402,F401  (registration)

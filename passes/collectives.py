@@ -7,8 +7,8 @@ coordinates on those axes. Every collective gets its own channel handle (numbere
 per builder, DEVICE_TO_DEVICE) and `use_global_device_ids`, as Shardy's own lowering emits.
 
 Used by `sgd-insert-collectives` (one all_reduce of the step's norms, the coordinate masks
-of replicated partials); `reduce_scatter_sum` and `all_gather` over one axis are here for a
-weight-update-sharding pass.
+of replicated partials) and `sgd-shard-weight-update` (device coordinates, `all_gather` of the
+updated weights; `reduce_scatter_sum` for gradients that arrive unreduced).
 """
 
 from __future__ import annotations
@@ -95,19 +95,24 @@ class Collectives:
                                    use_global_device_ids=True)
         return op.results[0]
 
+    @staticmethod
+    def _u32(x: int) -> ir.Value:
+        u32 = ir.IntegerType.get_unsigned(32)
+        return stablehlo.constant(ir.DenseElementsAttr.get_splat(ir.RankedTensorType.get([], u32),
+                                                                 ir.IntegerAttr.get(u32, x)))
+
+    def coordinate(self, pid: ir.Value, axis: str) -> ir.Value:
+        """ui32 scalar: this device's (`pid`, a ui32 partition_id) coordinate on `axis`."""
+        i = self.names.index(axis)
+        return stablehlo.remainder(stablehlo.divide(pid, self._u32(math.prod(self.sizes[i + 1:]))),
+                                   self._u32(self.sizes[i]))
+
     def is_first(self, pid: ir.Value, axes: Sequence[str]) -> ir.Value | None:
         """i1 scalar: this device (`pid`, a ui32 partition_id) is at coordinate 0 of every axis in `axes`."""
-        u32 = ir.IntegerType.get_unsigned(32)
-        scalar = ir.RankedTensorType.get([], u32)
-
-        def const(x: int) -> ir.Value:
-            return stablehlo.constant(ir.DenseElementsAttr.get_splat(scalar, ir.IntegerAttr.get(u32, x)))
-
+        const = self._u32
         pred = None
         for a in axes:
-            i = self.names.index(a)
-            coord = stablehlo.remainder(stablehlo.divide(pid, const(math.prod(self.sizes[i + 1:]))),
-                                        const(self.sizes[i]))
+            coord = self.coordinate(pid, a)
             is_zero = stablehlo.compare(coord, const(0),
                                         comparison_direction=stablehlo.ComparisonDirectionAttr.get("EQ"))
             pred = is_zero if pred is None else stablehlo.and_(pred, is_zero)

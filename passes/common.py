@@ -21,10 +21,10 @@ class PassError(Exception):
 def guarded(name: str, body: Any) -> Any:
     """Wraps a pass body so that a PassError becomes a diagnostic plus pass failure."""
 
-    def run(op: Any, pass_: Any) -> None:
+    def run(op: Any, pass_: Any, **options: Any) -> None:
         try:
             with op.location:
-                body(op)
+                body(op, **options)
         except PassError as e:
             where = e.op if e.op is not None else op
             where.location.emit_error(f"{name}: {e}")

@@ -142,8 +142,13 @@ def test_state_arrays_sharing_a_buffer_are_refused_before_anything_runs(private_
 
 def test_a_fed_back_state_is_not_asked_for_its_buffers_again(monkeypatch: pytest.MonkeyPatch) -> None:
     """The per-step cost: after the first step only the new gradients' shards are read (results
-    keep their donated arguments' buffers); the learning-rate argument is remembered too."""
+    keep their donated arguments' buffers); the learning-rate argument is remembered too. A cache
+    of its own: the executable's first call (which decides whether results inherit addresses)
+    must be this test's, not an earlier test's of the same program."""
     from sgdgen import backend
+    from sgdgen.runtime.cache import ExecutableCache
+
+    monkeypatch.setattr("sgdgen.runtime.cache._DEFAULT", ExecutableCache(None))
 
     vs = [sgdgen.Variable(np.ones((4, 8), np.float32), layout=Layout(["unsharded", "model"], MESH), name=f"v{i}")
           for i in range(3)]

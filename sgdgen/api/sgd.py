@@ -26,8 +26,9 @@ import numpy as np
 
 from sgdgen import backend
 from sgdgen.api.variable import Variable, substituted
-from sgdgen.codegen.abi import StepState, slot_name
+from sgdgen.codegen.abi import Slot, StepABI, StepState, slot_name
 from sgdgen.dtypes import COUNTER_ELEMENT_TYPES
+from sgdgen.frontend.zero import pad
 from sgdgen.errors import StepInputError, StepTypeError, UnknownVariableError
 from sgdgen.frontend import schedules
 from sgdgen.frontend.config import SGDConfig
@@ -265,7 +266,7 @@ class SGD:
         return var
 
     def _slot(self, model_variable: Variable, variable_name: str, scope: str | None,
-              shape: Sequence[int] | None = None, initial_value: Any = None) -> Variable:
+              shape: Sequence[int] | None = None, initial_value: Any = None, slot: Slot | None = None) -> Variable:
         role = {"m": "momentum", "average": "average"}.get(variable_name)
         if scope and role:
             name = slot_name(scope, role, model_variable._shared_name)
@@ -282,6 +283,10 @@ class SGD:
                                  f"initial_value has shape {list(np.shape(init))}, expected {list(shape)}")
         layout = (model_variable.layout if shape == model_variable.shape
                   else Layout.replicated(model_variable.mesh, len(shape)))
+        if slot is not None and slot.plan is not None:  # weight-update sharding: the ABI's own slot layout
+            var = Variable(pad(slot.plan, np.asarray(init, dt)), name=name, layout=slot.layout, dtype=dt)
+            var._plan = slot.plan
+            return var
         return Variable(init, name=name, layout=layout, dtype=dt)
 
     def exclude_from_weight_decay(self, var_list: Iterable[Variable] | None = None,
@@ -317,9 +322,12 @@ class SGD:
             self._index[v._unique_id] = k
         self._tracked = var_list
         scope = self._name_scope or self.name  # tf_keras: the scope apply_gradients opens (a direct build: ours)
+        # the slots' own layouts (weight-update sharding) come from the calling convention
+        abi = StepABI.for_config(self._specs(var_list, self._decay_flags(var_list)), mesh, self._config)
         if self._config.use_ema:
-            self._averages = [self._slot(v, "average", scope, initial_value=v) for v in var_list]
-        self._momenta = [self._slot(v, "m", scope) for v in var_list]
+            self._averages = [self._slot(v, "average", scope, initial_value=v, slot=abi.slot("average", i))
+                              for i, v in enumerate(var_list)]
+        self._momenta = [self._slot(v, "m", scope, slot=abi.slot("momentum", i)) for i, v in enumerate(var_list)]
         self._built = True
 
     def _common_mesh(self, var_list: Sequence[Variable]) -> Mesh:
@@ -507,11 +515,16 @@ class SGD:
         key = (tuple(v._unique_id for v in variables), tuple(decay), signature)
         step = self._steps.get(key)
         if step is None:
-            names = _unique_names([v._shared_name for v in variables])
-            specs = tuple(VarSpec(n, v.shape, canonical_dtype(v.dtype), v.layout, d)
-                          for n, v, d in zip(names, variables, decay))
+            specs = self._specs(variables, decay)
             step = self._steps[key] = Step(StepProgram(signature, specs, mesh if mesh is not None else self.mesh))
         return step
+
+    @staticmethod
+    def _specs(variables: Sequence[Variable], decay: Sequence[bool]) -> tuple[VarSpec, ...]:
+        """The variables as the step sees them (unique names, `_unique_names`)."""
+        names = _unique_names([v._shared_name for v in variables])
+        return tuple(VarSpec(n, v.shape, canonical_dtype(v.dtype), v.layout, d)
+                     for n, v, d in zip(names, variables, decay))
 
     def _program(self, variables: Sequence[Variable], config: SGDConfig, decay: Sequence[bool]) -> StepProgram:
         """The program with the config as it is (a float learning rate included: artifacts record it)."""

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from sgdgen import backend
+from sgdgen.frontend.zero import unpad
 from sgdgen.frontend.spec import Layout, Mesh, SpecError, canonical_dtype, numpy_dtype
 
 _ids = itertools.count()
@@ -79,6 +80,7 @@ class Variable:
         self.trainable = trainable
         self._unique_id = next(_ids)
         self.constraint = constraint
+        self._plan: Any = None  # a weight-update-sharded slot's padding (sgdgen.frontend.zero), set by SGD.build
         self._value = self._place(host, dt)
 
     # ---- the array ---------------------------------------------------------------------
@@ -101,7 +103,8 @@ class Variable:
         self._value = array
 
     def numpy(self) -> np.ndarray:
-        return np.asarray(self._value)
+        """The value on the host; a padded (weight-update-sharded) slot shows its logical value."""
+        return unpad(self._plan, np.asarray(self._value))
 
     def assign(self, value: Any) -> Variable:
         """Sets a new value of the same shape (and dtype after casting)."""

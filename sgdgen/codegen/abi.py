@@ -22,7 +22,9 @@ from functools import cached_property
 from typing import Any, NamedTuple
 
 from sgdgen.dtypes import mlir_element_type
+from sgdgen.errors import ConfigError
 from sgdgen.frontend.spec import Layout, Mesh, VarSpec, tensor_type
+from sgdgen.frontend.zero import ShardPlan, shard_plan
 
 ROLES = ("iterations", "variable", "momentum", "average", "skipped", "gradient", "learning_rate")
 #: Roles whose buffers the step updates in place (donated arguments, aliased results).
@@ -67,6 +69,9 @@ class Slot:
     shape: tuple[int, ...]
     dtype: str
     layout: Layout
+    #: for a slot whose layout differs from its variable's (weight-update sharding): how it is
+    #: divided and padded (`sgdgen.frontend.zero`); None where it is laid out like the variable
+    plan: ShardPlan | None = None
 
     @property
     def mlir_type(self) -> str:
@@ -85,28 +90,43 @@ class StepABI:
     outputs: tuple[Slot, ...]
 
     @classmethod
-    def for_config(cls, variables: Sequence[VarSpec], mesh: Mesh, config: Any) -> StepABI:
+    def for_config(cls, variables: Sequence[VarSpec], mesh: Mesh, config: Any, *, stage0: bool = False) -> StepABI:
         """The calling convention of the step of `config` (an SGDConfig) over `variables`:
-        EMA averages when `use_ema`, a learning-rate argument unless it is a schedule."""
+        EMA averages when `use_ema`, a learning-rate argument unless it is a schedule, the
+        counters its options keep. `stage0`: the generator's global view, where every slot has
+        its variable's shape and layout (`sgd-shard-weight-update` divides them later)."""
         return cls.create(variables, mesh, use_ema=config.use_ema, lr_input=not config.lr_is_schedule,
                           optimizer_name=config.name,
+                          shard_update_over=None if stage0 else getattr(config, "shard_update_over", None),
                           counters=tuple(r for r, flag in EXTRA_COUNTERS.items() if getattr(config, flag, False)))
 
     @classmethod
     def create(cls, variables: Sequence[VarSpec], mesh: Mesh, *, use_ema: bool, lr_input: bool,
-               optimizer_name: str = "SGD", counters: Sequence[str] = ()) -> StepABI:
-        """The convention; `counters`: the roles of EXTRA_COUNTERS this step keeps."""
+               optimizer_name: str = "SGD", shard_update_over: str | None = None,
+               counters: Sequence[str] = ()) -> StepABI:
+        """The convention. `shard_update_over`: a mesh axis over which the slots of variables
+        replicated over it are sharded (`sgdgen.frontend.zero`; they get their own, possibly
+        padded, shape and layout). `counters`: the roles of EXTRA_COUNTERS this step keeps."""
         unknown = sorted(set(counters) - set(EXTRA_COUNTERS))
         if unknown:
             raise ValueError(f"unknown state counters {unknown}; known: {sorted(EXTRA_COUNTERS)}")
         scalar = Layout.replicated(mesh, 0)
+        if shard_update_over is not None and shard_update_over not in mesh.shape:
+            raise ConfigError(f"shard_update_over={shard_update_over!r} is not an axis of the mesh {mesh} (axes "
+                              f"{list(mesh.axis_names)}); name its data-parallel axis")
+
+        def slot(role: str, i: int, v: VarSpec) -> Slot:
+            name = slot_name(optimizer_name, role, v.name)
+            plan = shard_plan(v.shape, v.layout.dims, mesh.shape, shard_update_over) if shard_update_over else None
+            if plan is None:
+                return Slot(role, i, name, v.shape, v.dtype, v.layout)
+            return Slot(role, i, name, plan.slot_shape, v.dtype, Layout(plan.slot_dims, mesh), plan)
+
         state = [Slot("iterations", None, "iteration", (), "int64", scalar)]
         state += [Slot("variable", i, v.name, v.shape, v.dtype, v.layout) for i, v in enumerate(variables)]
-        state += [Slot("momentum", i, slot_name(optimizer_name, "momentum", v.name), v.shape, v.dtype, v.layout)
-                  for i, v in enumerate(variables)]
+        state += [slot("momentum", i, v) for i, v in enumerate(variables)]
         if use_ema:
-            state += [Slot("average", i, slot_name(optimizer_name, "average", v.name), v.shape, v.dtype, v.layout)
-                      for i, v in enumerate(variables)]
+            state += [slot("average", i, v) for i, v in enumerate(variables)]
         state += [Slot(role, None, role, (), "int64", scalar) for role in EXTRA_COUNTERS if role in counters]
         inputs = list(state)
         inputs += [Slot("gradient", i, f"gradient/{v.name}", v.shape, v.dtype, v.layout)
@@ -114,6 +134,15 @@ class StepABI:
         if lr_input:
             inputs.append(Slot("learning_rate", None, "learning_rate", (), "float32", scalar))
         return cls(tuple(inputs), tuple(state))
+
+    @cached_property
+    def shard_update_over(self) -> str | None:
+        """The axis the weight update is sharded over (some slot is divided over it), else None."""
+        return next((s.plan.axis for s in self.outputs if s.plan is not None), None)
+
+    def slot(self, role: str, var: int) -> Slot:
+        """The state slot (argument) of `role` ("momentum" / "average") for variable `var`."""
+        return self.inputs[self.index(role, var)]
 
     @cached_property
     def num_variables(self) -> int:

@@ -72,7 +72,7 @@ def generate_text(config: Any, variables: Sequence[VarSpec], mesh: Mesh | None =
     """The stage-0 module as text. See `generate` for the parsed, verified module."""
     mesh = mesh if mesh is not None else (variables[0].layout.mesh if variables else Mesh(()))
     _check(config, variables, mesh)
-    abi = StepABI.for_config(variables, mesh, config)
+    abi = StepABI.for_config(variables, mesh, config, stage0=True)
     step = Step(config, variables, abi)
     for rule in RULES:
         rule(step)

@@ -9,6 +9,8 @@ element is handed to MLIR's own parser (so options and nested pipelines work).
 
 from __future__ import annotations
 
+import functools
+
 from jaxlib.mlir import ir, passmanager
 
 from sgdgen.errors import PipelineError
@@ -42,6 +44,25 @@ def split_elements(text: str) -> list[str]:
     return out
 
 
+def parse_options(element: str, name: str, known: tuple[str, ...]) -> dict[str, str]:
+    """The options of an sgdgen pass element, MLIR's syntax: `name{key=value other=value}`."""
+    rest = element[len(name):].strip()
+    if not rest:
+        return {}
+    if not known:
+        raise PipelineError(f"pass {name} takes no options (got {element!r})")
+    if not (rest.startswith("{") and rest.endswith("}")):
+        raise PipelineError(f"pass {name}: options go in braces, e.g. {name}{{{known[0]}=...}} (got {element!r})")
+    options: dict[str, str] = {}
+    for item in rest[1:-1].split():
+        key, eq, value = item.partition("=")
+        if key not in known or not eq or not value:
+            raise PipelineError(f"pass {name}: unknown or empty option {item!r}; it takes {', '.join(known)} "
+                                f"(e.g. {name}{{{known[0]}=...}})")
+        options[key] = value
+    return options
+
+
 def _anchored_elements(pipeline: str) -> list[str]:
     p = pipeline.strip()
     if p.startswith("builtin.module(") and p.endswith(")"):
@@ -60,16 +81,25 @@ def build_pass_manager(pipeline: str, ctx: ir.Context) -> passmanager.PassManage
         for element in _anchored_elements(pipeline):
             name = element.split("{", 1)[0].split("(", 1)[0].strip()
             if name in PASSES:
-                if element != name:
-                    raise PipelineError(f"pass {name} takes no options (got {element!r})")
                 info = PASSES[name]
-                pm.add(info.run, name=name, argument=name, description=info.summary)
+                options = parse_options(element, name, info.options)
+                run = functools.partial(info.run, **options) if options else info.run
+                pm.add(run, name=name, argument=name, description=info.summary)
             else:
                 try:
                     pm.add(element)
                 except ValueError as e:
                     raise PipelineError(str(e).strip()) from e
     return pm
+
+
+def pipeline_for(shard_update_over: str | None = None) -> str:
+    """The default pipeline, with weight-update sharding over `shard_update_over` when given
+    (after partitioning, before the in-place aliasing)."""
+    if not shard_update_over:
+        return DEFAULT_PIPELINE
+    return DEFAULT_PIPELINE.replace("sgd-insert-collectives,",
+                                    f"sgd-insert-collectives,sgd-shard-weight-update{{axis={shard_update_over}}},")
 
 
 def run_pipeline(text: str, pipeline: str = DEFAULT_PIPELINE, ctx: ir.Context | None = None) -> str:

@@ -185,6 +185,8 @@ class SGDConfig:
     ema_overwrite_frequency: int | None = None
     jit_compile: bool = False
     amsgrad: bool = False
+    #: the data-parallel mesh axis over which optimizer slots are sharded (ZeRO-1/2), or None
+    shard_update_over: str | None = None
     skip_nonfinite: bool = False
 
     @classmethod
@@ -206,6 +208,7 @@ class SGDConfig:
         use_ema: Any = _UNSET,
         ema_momentum: Any = _UNSET,
         ema_overwrite_frequency: Any = _UNSET,
+        shard_update_over: str | None = None,
         skip_nonfinite: Any = False,
         **kwargs: Any,
     ) -> SGDConfig:
@@ -253,6 +256,9 @@ class SGDConfig:
                 f"global_clipnorm={clip['global_clipnorm']}."
             )
         _process_kwargs(kwargs)  # §2.3
+        if shard_update_over is not None and (not isinstance(shard_update_over, str) or not shard_update_over):
+            raise ValueError("`shard_update_over` must be the name of a mesh axis (e.g. 'batch') or None. "
+                             f"Received: shard_update_over={shard_update_over!r}")
         lr = _learning_rate(learning_rate)  # §2.4
         momentum = _number("momentum", momentum)
         if momentum < 0 or momentum > 1:
@@ -268,7 +274,7 @@ class SGDConfig:
             name=name, learning_rate=lr, momentum=momentum, nesterov=nesterov,
             weight_decay=weight_decay, use_ema=use_ema, ema_momentum=ema_momentum,
             ema_overwrite_frequency=frequency, jit_compile=jit_compile, amsgrad=amsgrad,
-            skip_nonfinite=bool(skip_nonfinite), **clip,
+            shard_update_over=shard_update_over, skip_nonfinite=bool(skip_nonfinite), **clip,
         )
 
     def get_config(self) -> dict[str, Any]:
@@ -277,6 +283,8 @@ class SGDConfig:
         config = {k: getattr(self, k, None) for k in _CONFIG_KEYS}
         config["is_legacy_optimizer"] = False
         config["learning_rate"] = schedules.serialize(lr) if self.lr_is_schedule else float(lr)
+        if self.shard_update_over is not None:  # sgdgen's own key: absent unless set (tf_keras' dict otherwise)
+            config["shard_update_over"] = self.shard_update_over
         if self.skip_nonfinite:  # sgdgen's own key, only when set: a default config stays tf_keras' dict
             config["skip_nonfinite"] = True
         return config

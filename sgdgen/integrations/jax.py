@@ -23,6 +23,7 @@ import numpy as np
 from sgdgen import backend
 from sgdgen.api.sgd import SGD
 from sgdgen.codegen.abi import StepABI, StepState
+from sgdgen.frontend.zero import pad
 from sgdgen.errors import ConfigError, StepInputError
 from sgdgen.frontend.config import SGDConfig
 from sgdgen.frontend.spec import Layout, Mesh, SpecError, VarSpec, canonical_dtype
@@ -140,8 +141,9 @@ class JaxStep:
         abi = self.abi
         slots = [abi.inputs[abi.index("momentum", i)] for i in range(abi.num_variables)]
         momenta = tuple(primitive.placed(jnp.zeros(s.shape, leaf.dtype), s) for s, leaf in zip(slots, leaves))
-        averages = tuple(primitive.placed(jnp.array(leaf, copy=True), s)
-                         for s, leaf in zip(slots, leaves)) if abi.use_ema else ()
+        averages = tuple(primitive.placed(pad(abi.slot("average", i).plan, jnp.array(leaf, copy=True), jnp),
+                                          abi.slot("average", i))
+                         for i, leaf in enumerate(leaves)) if abi.use_ema else ()
         it_slot = abi.inputs[abi.index("iterations")]
         skipped = (primitive.placed(jnp.asarray(0, dtype=int), abi.inputs[abi.index("skipped")])
                    if abi.skip_nonfinite else None)

@@ -57,11 +57,11 @@ class StepProgram:
 
     @cached_property
     def lowered_text(self) -> str:
-        from sgdgen.codegen.pipeline import run_pipeline
+        from sgdgen.codegen.pipeline import pipeline_for, run_pipeline
 
         if self.signature is not self:  # a float learning rate is not in the module: share the text
             return self.signature.lowered_text
-        return run_pipeline(self.stage0_text)
+        return run_pipeline(self.stage0_text, pipeline_for(self.abi.shard_update_over))
 
     @cached_property
     def key(self) -> str:
