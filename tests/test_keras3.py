@@ -127,8 +127,9 @@ def _count_compiles(fn: Any) -> int:
 
 
 def test_changing_the_learning_rate_between_epochs_does_not_recompile() -> None:
-    """The lr change adds no compile: a fit after `learning_rate = 0` compiles exactly as often
-    as the same fit without the change (see the report: each later fit currently compiles once)."""
+    """A second fit compiles nothing, with or without `learning_rate = 0` before it (Keras' own
+    SGD: 0 as well). On one device the step adds no sharding constraint, so Keras' metrics and
+    learning rate keep their plain single-device sharding from fit to fit."""
     x, y = _data()
     counts = []
     for change in (False, True):
@@ -137,7 +138,7 @@ def test_changing_the_learning_rate_between_epochs_does_not_recompile() -> None:
         if change:
             model.optimizer.learning_rate = 0.0
         counts.append(_count_compiles(lambda: model.fit(x, y, epochs=1, batch_size=8, shuffle=False, verbose=0)))
-    assert counts[1] == counts[0]
+    assert counts == [0, 0]
     moved = model.get_weights()  # lr 0: only the momentum moves the weights, so they still change
     assert float(model.optimizer.learning_rate.numpy()) == 0.0 and not np.array_equal(before[0], moved[0])
 
