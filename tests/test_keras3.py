@@ -127,8 +127,9 @@ def _count_compiles(fn: Any) -> int:
 
 
 def test_changing_the_learning_rate_between_epochs_does_not_recompile() -> None:
-    """The lr change adds no compile: a fit after `learning_rate = 0` compiles exactly as often
-    as the same fit without the change (see the report: each later fit currently compiles once)."""
+    """A second fit compiles nothing, with or without `learning_rate = 0` before it (Keras' own
+    SGD: 0 as well). On one device the step adds no sharding constraint, so Keras' metrics and
+    learning rate keep their plain single-device sharding from fit to fit."""
     x, y = _data()
     counts = []
     for change in (False, True):
@@ -137,7 +138,7 @@ def test_changing_the_learning_rate_between_epochs_does_not_recompile() -> None:
         if change:
             model.optimizer.learning_rate = 0.0
         counts.append(_count_compiles(lambda: model.fit(x, y, epochs=1, batch_size=8, shuffle=False, verbose=0)))
-    assert counts[1] == counts[0]
+    assert counts == [0, 0]
     moved = model.get_weights()  # lr 0: only the momentum moves the weights, so they still change
     assert float(model.optimizer.learning_rate.numpy()) == 0.0 and not np.array_equal(before[0], moved[0])
 
@@ -175,7 +176,12 @@ def test_a_schedule_is_computed_in_the_program_and_keras_reports_it() -> None:
     np.testing.assert_allclose(float(opt.learning_rate), 0.1 * 0.5 ** (8 / 2), rtol=1e-6)
 
 
-@pytest.mark.parametrize("options", [dict(learning_rate=0.1, momentum=0.9, weight_decay=1e-2)])
+@pytest.mark.parametrize("options", [
+    dict(learning_rate=0.1, momentum=0.9, weight_decay=1e-2),
+    # EMA: each fit ends with Keras' overwrite of the weights by their averages; a later fit
+    # must not donate a buffer the weight shares with its average (it once failed so)
+    dict(learning_rate=0.1, momentum=0.9, weight_decay=1e-2, use_ema=True, ema_momentum=0.9),
+], ids=["plain", "ema"])
 def test_save_load_then_fit_continues_where_it_stopped(tmp_path: Path, options: dict) -> None:
     x, y = _data()
     straight = _fit(sgdgen.keras.SGD(**options), epochs=2)  # two fits: EMA overwrites at the end of each
@@ -190,6 +196,8 @@ def test_save_load_then_fit_continues_where_it_stopped(tmp_path: Path, options: 
     loaded.fit(x, y, epochs=1, batch_size=8, shuffle=False, verbose=0)
     for a, b in zip(loaded.get_weights(), straight.get_weights()):
         np.testing.assert_array_equal(a, b)
+    for a, b in zip(loaded.optimizer.variables, straight.optimizer.variables):  # slots and averages too
+        np.testing.assert_array_equal(np.asarray(a.value), np.asarray(b.value))
 
 
 def test_get_config_is_keras3s_and_round_trips() -> None:

@@ -186,6 +186,21 @@ class SGD(keras.optimizers.Optimizer):
                 self.averages[i].assign(new_state.averages[k])
         self._iterations.assign(keras.ops.cast(new_state.iterations, self._iterations.dtype))
 
+    def _overwrite_model_variables_with_average_value(self, trainable_variables: Sequence[Any]) -> None:
+        """Keras' EMA overwrite (`finalize_variable_values` at the end of `fit`), with a copy of
+        each average: Keras assigns the average variable itself, so the weight and its average
+        would share one buffer, and the next `fit` (which donates its whole state) would donate
+        that buffer twice ("donate the same buffer twice", then Keras' `'NoneType' object is
+        not callable` from the purged variable)."""
+        averages = self._model_variables_moving_average
+        if len(trainable_variables) != len(averages):
+            raise StepInputError(f"sgdgen.keras.SGD: {len(trainable_variables)} variables to overwrite with their "
+                                 f"moving averages, but the optimizer holds {len(averages)}; pass the variables "
+                                 "the optimizer was built for")
+        for v, average in zip(trainable_variables, averages):
+            if average is not None:
+                v.assign(jax.numpy.array(average.value, copy=True))
+
     def get_config(self) -> dict[str, Any]:
         """Keras 3's optimizer config (with `loss_scale_factor` and `gradient_accumulation_steps`,
         both None) plus `momentum` and `nesterov`; the learning rate is the current one."""

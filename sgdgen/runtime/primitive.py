@@ -128,6 +128,11 @@ def placed(x: Any, slot: Slot) -> Any:
                                      f"is built for {slot.layout.mesh.shape}; build the step on the mesh you trace "
                                      "with")
             return jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, slot.layout.partition_spec()))
+    if slot.layout.mesh.size == 1:
+        # One device: nothing to place, and a constraint would spread the step's one-device
+        # NamedSharding over the caller's whole program (Keras' metrics, its learning rate), so
+        # that the caller's next call, with plain single-device inputs, compiles again.
+        return x
     return jax.lax.with_sharding_constraint(x, want)
 
 
