@@ -511,3 +511,22 @@ def test_bench_leaves_no_cache_warnings_and_restores_the_cache() -> None:
     assert not cache_warnings, cache_warnings[:2]
     assert {k: getattr(jax.config, k) for k in keys} == before
     assert default_cache() is cache_before
+
+
+def test_demo_keras_compares_with_keras_sgd(env: dict[str, str]) -> None:
+    """`sgdgen demo --keras`: sgdgen.keras.SGD and keras.optimizers.SGD from the same weights on the
+    same batches, one verdict line, exit 0 on PASS."""
+    r = subprocess.run([sys.executable, "-m", "sgdgen.tools.cli", "demo", "--keras", "--epochs", "2"],
+                       capture_output=True, text=True, env={**env, "KERAS_BACKEND": "jax"}, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [l for l in r.stdout.splitlines() if l.startswith(("PASS", "FAIL"))]
+    assert len(lines) == 1 and lines[0].startswith("PASS: sgdgen.keras.SGD vs keras.optimizers.SGD"), r.stdout
+    assert r.stdout.count("epoch ") == 2
+
+
+def test_demo_keras_fails_when_the_runs_differ(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sgdgen.tools import keras_demo
+
+    monkeypatch.setattr(keras_demo, "MAX_REL_DIFF", -1.0)  # nothing can be that close: the FAIL path
+    result = keras_demo.run_keras_demo(epochs=1)
+    assert not result.passed and result.verdict().startswith("FAIL")

@@ -193,10 +193,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _ensure_devices(8)
     from rich.console import Console
 
+    console = Console()
+    if args.keras:
+        from sgdgen.tools.keras_demo import run_keras_demo
+
+        k = run_keras_demo(epochs=args.epochs or 3, console=console)
+        console.print(f"[bold]{k.epochs} epochs twice in {k.seconds:.1f} s[/]")
+        console.print(k.verdict(), style="bold green" if k.passed else "bold red", soft_wrap=True)
+        return 0 if k.passed else 1
     from sgdgen.tools.demo import run_demo
 
-    console = Console()
-    r = run_demo(epochs=args.epochs, progress=not args.no_progress, console=console)
+    r = run_demo(epochs=args.epochs or 8, progress=not args.no_progress, console=console)
     console.print(f"[bold]{r.steps} steps in {r.seconds:.1f} s[/] (compile {r.compile_seconds:.2f} s); loss "
                   f"{r.losses[0]:.4f} -> {r.losses[-1]:.4f}")
     console.print(f"largest difference from sgdgen.reference fed the same gradients: {r.max_abs_diff:.3g} "
@@ -280,9 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "batch x model mesh that fits the devices (8: 2x4, 4: 2x2, 2: 1x2, 1: 1x1), "
                                    "compare the compiled optimizer with sgdgen.reference fed the same gradients, "
                                    "and end with a PASS/FAIL line (exit status 1 on FAIL).")
-    p.add_argument("--epochs", type=int, default=8, metavar="N",
-                   help="epochs to train, 16 steps each (default: 8)")
+    p.add_argument("--epochs", type=int, default=None, metavar="N",
+                   help="epochs to train, 16 steps each (default: 8; with --keras: 3)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (the per-epoch loss is still printed)")
+    p.add_argument("--keras", action="store_true",
+                   help="instead: train a small Keras 3 model with sgdgen.keras.SGD and with keras.optimizers.SGD "
+                        "and compare them (PASS/FAIL, exit 1 on FAIL)")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("bench", help="time the step against optax, Keras 3, torch and the memory bound")
     p.add_argument("--quick", action="store_true", help="CI-sized models and rounds (under a minute)")
