@@ -1,6 +1,7 @@
 """Argument checks shared by the optimizer and the schedules: an unknown or missing name
 is reported with the owner (`sgdgen.SGD`, `ExponentialDecay`), every valid name, and the
-closest valid name (difflib), instead of Python's or tf_keras' internal wording."""
+closest valid name (difflib), instead of Python's or tf_keras' internal wording; and the one
+coercion of numbers and flags (each caller raises its own error, with its own wording)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,45 @@ import inspect
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-__all__ = ["check_names", "parameters"]
+__all__ = ["as_flag", "as_real", "check_names", "parameters"]
+
+
+def as_real(value: Any) -> int | float | None:
+    """`value` as a Python int or float (from a Python number, a NumPy scalar, a 0-d array, or an
+    object with `__float__` such as an ml_dtypes scalar), or None when it is not a real number.
+
+    Integers stay integers (tf_keras reports `momentum=1` as 1). Bools, strings and arrays are
+    not numbers here: a bool where a number belongs is almost surely a mistake."""
+    import numpy as np
+
+    if isinstance(value, (bool, np.bool_, str, bytes)):
+        return None
+    if type(value) in (int, float):
+        return value
+    try:
+        arr = np.asarray(value)
+    except Exception:
+        arr = None
+    if arr is not None and arr.ndim == 0 and arr.dtype.kind in "iuf":
+        return arr.item()
+    if arr is None or arr.ndim == 0:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
+def as_flag(value: Any, *, allow_01: bool = False) -> bool | int | None:
+    """A Python bool from a Python or NumPy bool (with `allow_01`, the ints 0 and 1 as given,
+    as tf_keras accepts them for `nesterov`), or None when `value` is not a flag."""
+    import numpy as np
+
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if allow_01 and type(value) is int and value in (0, 1):
+        return value
+    return None
 
 
 def parameters(fn: Callable[..., Any]) -> tuple[list[str], list[str]]:

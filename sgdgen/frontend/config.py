@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from sgdgen.frontend import schedules
-from sgdgen.frontend.arguments import check_names
+from sgdgen.frontend.arguments import as_flag, as_real, check_names
 from sgdgen.frontend.schedules import LearningRateSchedule
 
 __all__ = ["GradientsClipOption", "EMAOption", "SGDConfig"]
@@ -62,29 +62,14 @@ _CONFIG_KEYS = (
 
 
 def _number(arg: str, value: Any) -> int | float:
-    """A Python int or float from a Python number, NumPy scalar, 0-d array or `__float__` object.
-
-    Integers stay integers (tf_keras reports `momentum=1` as 1). Bools are refused: a bool
-    where a number belongs is almost surely a mistake.
-    """
-    if not isinstance(value, (bool, np.bool_, str, bytes)):
-        if type(value) in (int, float):
-            return value
-        try:
-            arr = np.asarray(value)
-        except Exception:
-            arr = None
-        if arr is not None and arr.ndim == 0 and arr.dtype.kind in "iuf":
-            return arr.item()
-        if arr is None or arr.ndim == 0:
-            try:
-                return float(value)  # e.g. an ml_dtypes scalar or a user type with __float__
-            except (TypeError, ValueError):
-                pass
-    raise TypeError(
-        f"`{arg}` must be a real number (a Python int or float, a NumPy scalar or a 0-d array). "
-        f"Received: {arg}={value!r}"
-    )
+    """A real-number argument as a Python int or float (`arguments.as_real`), else TypeError."""
+    number = as_real(value)
+    if number is None:
+        raise TypeError(
+            f"`{arg}` must be a real number (a Python int or float, a NumPy scalar or a 0-d array). "
+            f"Received: {arg}={value!r}"
+        )
+    return number
 
 
 def _finite(arg: str, value: int | float | None, *, float32: bool = False) -> None:
@@ -116,11 +101,10 @@ def _optional_number(arg: str, value: Any) -> int | float | None:
 
 def _flag(arg: str, value: Any) -> Any:
     """A bool-valued argument: Python/NumPy bool or the ints 0 and 1, stored as given."""
-    if isinstance(value, np.bool_):
-        return bool(value)
-    if isinstance(value, bool) or (type(value) is int and value in (0, 1)):
-        return value
-    raise TypeError(f"`{arg}` must be a bool. Received: {arg}={value!r}")
+    flag = as_flag(value, allow_01=True)
+    if flag is None:
+        raise TypeError(f"`{arg}` must be a bool. Received: {arg}={value!r}")
+    return flag
 
 
 def _learning_rate(value: Any) -> float | LearningRateSchedule:

@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from sgdgen.frontend.arguments import check_names, parameters
+from sgdgen.frontend.arguments import as_flag, as_real, check_names, parameters
 
 __all__ = [
     "LearningRateSchedule",
@@ -53,17 +53,14 @@ _PI = _F32(math.pi)  # tf.constant(math.pi, float32)
 
 
 def _real(owner: str, arg: str, value: Any) -> int | float:
-    """Return `value` as a Python int or float; NumPy scalars and 0-d arrays are unwrapped.
+    """Return `value` as a Python int or float (`arguments.as_real`), finite in float32.
 
     Stored values stay JSON-serialisable, so `get_config` round-trips through JSON.
     """
-    if not isinstance(value, (bool, np.bool_)):
-        if type(value) in (int, float):
-            return _finite_f32(owner, arg, value)
-        arr = np.asarray(value) if isinstance(value, (int, float, np.generic, np.ndarray)) else None
-        if arr is not None and arr.ndim == 0 and arr.dtype.kind in "iuf":
-            return _finite_f32(owner, arg, arr.item())
-    raise ValueError(f"{owner}: `{arg}` must be a real number. Received: {arg}={value!r}")
+    number = as_real(value)
+    if number is None:
+        raise ValueError(f"{owner}: `{arg}` must be a real number. Received: {arg}={value!r}")
+    return _finite_f32(owner, arg, number)
 
 
 def _finite_f32(owner: str, arg: str, value: int | float) -> int | float:
@@ -84,9 +81,10 @@ def _finite_f32(owner: str, arg: str, value: int | float) -> int | float:
 
 def _flag(owner: str, arg: str, value: Any) -> bool:
     """A Python or NumPy bool, stored as a Python bool."""
-    if not isinstance(value, (bool, np.bool_)):
+    flag = as_flag(value)
+    if flag is None:
         raise ValueError(f"{owner}: `{arg}` must be a bool. Received: {arg}={value!r}")
-    return bool(value)
+    return bool(flag)
 
 
 def _name(owner: str, value: Any) -> str | None:
