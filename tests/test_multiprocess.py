@@ -3,8 +3,8 @@ gloo collectives), one 2x4 mesh spanning both, against 1 process with 8 devices.
 
 The test starts both processes itself (this file, run as a script, is the worker), bounds
 them in time and reports a hung or failed peer as a failure with its output, killing the
-other one. Each worker trains TRAIN_STEPS steps of a config that uses every cross-device
-collective of the step (global_clipnorm's norm all_reduce across both processes, weight
+other one. Each worker trains TRAIN_STEPS steps (the stateful `SGD`, then the same through
+`sgdgen.jax_step` inside a jit) of a config that uses every cross-device collective of the step (global_clipnorm's norm all_reduce across both processes, weight
 decay, Nesterov, EMA with overwrite), gathers the state with `process_allgather`, and saves
 and restores an orbax checkpoint across the two processes (into a different layout).
 The same training in this process, on 8 local devices, must give the same bits: the
@@ -59,6 +59,37 @@ def gathered(opt: Any, variables: list[Any]) -> dict[str, Any]:
             for v in [*opt.variables, *variables]}
 
 
+def functional_step_across_processes(mesh: Any, stateful: dict[str, Any]) -> None:
+    """The same training through `sgdgen.jax_step` inside a jit spanning both processes (global
+    arrays from each process's shards), equal to the stateful run within 1e-6 of max|ref|: the same
+    program, with the variables in the pytree's (sorted) order, so the norm's partials are summed
+    in another order (the wide float64 sum makes that a last-bit difference at most)."""
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    import sgdgen
+
+    def global_array(host: Any, sharding: Any) -> Any:
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    rng = np.random.default_rng(0)  # the draws of `train`: the values, then each step's gradients
+    init = {name: rng.standard_normal(shape).astype(np.float32) for name, (shape, _) in SHAPES.items()}
+    shardings = {name: sgdgen.Layout(specs, mesh).named_sharding() for name, (_, specs) in SHAPES.items()}
+    params = {name: global_array(init[name], shardings[name]) for name in SHAPES}
+    step = sgdgen.jax_step(CONFIG, params)
+    state = jax.jit(step.init)(params)
+    train_step = jax.jit(lambda p, g, s: step(p, g, s, 0.1), donate_argnums=(0, 2))
+    for _ in range(TRAIN_STEPS):
+        grads = {name: global_array(rng.standard_normal(shape).astype(np.float32), shardings[name])
+                 for name, (shape, _) in SHAPES.items()}
+        params, state = train_step(params, grads, state)
+    for name in SHAPES:
+        got = np.asarray(multihost_utils.process_allgather(params[name], tiled=True))
+        want = stateful[f"{name}:0"]
+        assert np.max(np.abs(got - want)) <= 1e-6 * np.max(np.abs(want)), f"jax_step across processes: {name}"
+
+
 def worker(port: int, process_id: int, out: Path) -> None:
     """One of the two processes: train, gather, checkpoint across both, restore into another layout."""
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
@@ -78,6 +109,7 @@ def worker(port: int, process_id: int, out: Path) -> None:
     opt, variables = train(mesh)
     assert not variables[0].value.is_fully_addressable  # the variable really spans both processes
     state = gathered(opt, variables)
+    functional_step_across_processes(mesh, state)
     opt.save_checkpoint(out / "ckpt")  # every process writes its shards; orbax commits once
 
     flat = sgdgen.Mesh.of(jax.sharding.Mesh(np.array(jax.devices()), ("x",)))
