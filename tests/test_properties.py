@@ -1,5 +1,7 @@
 """Property tests (hypothesis): random configs, shapes, dtypes, meshes and layouts against the
-NumPy oracle `sgdgen.reference`, and random bad inputs that must be refused with nothing changed.
+NumPy oracle `sgdgen.reference`, and random bad inputs that must be refused with nothing changed
+(gradients of the wrong shape, dtype or layout, deleted arrays, non-finite hyperparameters; and,
+exhaustively since the space is small, artifacts loaded onto mismatched variables).
 
 Tolerances are SEMANTICS decisions 10 and 12: float32 over several steps at rtol 1e-6 and
 atol 1e-6 * max|ref| (XLA may contract into FMAs; the reference is unfused); float16 and
@@ -233,3 +235,73 @@ def test_clipnorm_over_variables_of_two_dtypes(mesh: sgdgen.Mesh) -> None:
     opt.apply_gradients(zip(grads, variables))
     ref = reference.apply_gradients(opt.config, ref, grads)
     _compare(opt, variables, ref, f"clipnorm over float16, float32 and bfloat16 on {mesh or 'one device'}")
+
+
+HYPERPARAMETERS = ["learning_rate", "momentum", "weight_decay", "clipnorm", "clipvalue", "global_clipnorm",
+                   "ema_momentum"]
+#: rounded to float32 before they reach the program (tf_keras' float32 cast), so 1e39 is inf there
+FLOAT32_HYPERPARAMETERS = ("learning_rate", "momentum", "weight_decay")
+
+
+def test_non_finite_hyperparameters_are_refused_naming_the_field(capsys: pytest.CaptureFixture[str]) -> None:
+    """NaN, +-Inf and 1e39 (inf in float32) for any hyperparameter, at construction and through the
+    `learning_rate` setter: refused naming the field; a refused setter leaves the rate as it was."""
+    @SETTINGS
+    @given(field=st.sampled_from(HYPERPARAMETERS), value=st.sampled_from([float("nan"), float("inf"), -float("inf"),
+                                                                          1e39]), config=configs())
+    def check(field: str, value: float, config: dict[str, Any]) -> None:
+        if value == 1e39 and field not in FLOAT32_HYPERPARAMETERS:
+            value = float("nan")  # a clip of 1e39 is finite for a float64 variable: only the float32 ones overflow
+        kw = {k: v for k, v in config.items() if k not in ("clipnorm", "clipvalue", "global_clipnorm")}
+        kw[field] = value
+        if field == "ema_momentum":
+            kw["use_ema"] = True
+        with pytest.raises((SgdgenError, ValueError, TypeError)) as info:
+            sgdgen.SGD(**kw)
+        assert field in str(info.value), info.value
+        opt = sgdgen.SGD(learning_rate=0.1)
+        if field == "learning_rate":
+            with pytest.raises((SgdgenError, ValueError, TypeError)):
+                opt.learning_rate = value
+            assert float(opt.learning_rate) == np.float32(0.1)
+
+    _run_property(check, capsys, "non-finite hyperparameters")
+
+
+@pytest.fixture(scope="module")
+def saved_artifact(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    mesh = sgdgen.Mesh({"batch": 2, "model": 4})
+    variables = [sgdgen.Variable(np.ones(s, np.float32), layout=sgdgen.Layout(l, mesh), name=n) for n, s, l in BASE]
+    opt = sgdgen.SGD(0.1, momentum=0.9, mesh=mesh)
+    opt.build(variables)
+    return mesh, opt.save_artifact(tmp_path_factory.mktemp("mismatch") / "step.sgd", platforms=())
+
+
+BASE = [("dense/kernel", (8, 4), ["unsharded", "model"]), ("dense/bias", (4,), ["model"]),
+        ("emb", (6, 2), ["unsharded", "unsharded"])]
+
+
+@pytest.mark.parametrize("change", ["shape", "dtype", "layout"])
+@pytest.mark.parametrize("victim", range(len(BASE)), ids=[n for n, _, _ in BASE])
+def test_mismatched_artifacts_are_refused_naming_the_variable(saved_artifact: Any, victim: int, change: str) -> None:
+    """An artifact loaded onto variables that differ from the ones it was compiled for (one variable's
+    shape, dtype or layout changed; every such case, so no sampling) is refused naming that variable,
+    and the given variables stay bit-identical."""
+    from sgdgen.errors import ArtifactError
+
+    mesh, path = saved_artifact
+    given_vars = []
+    for k, (name, shape, layout) in enumerate(BASE):
+        dtype = np.float32
+        if k == victim and change == "shape":
+            shape = (shape[0] * 2, *shape[1:])
+        if k == victim and change == "dtype":
+            dtype = np.float64
+        if k == victim and change == "layout":
+            layout = ["batch", *layout[1:]] if layout[0] != "batch" else ["unsharded"] * len(shape)
+        given_vars.append(sgdgen.Variable(np.full(shape, 2.0, dtype), layout=sgdgen.Layout(layout, mesh), name=name))
+    before = [v.numpy().tobytes() for v in given_vars]
+    with pytest.raises(ArtifactError) as info:
+        sgdgen.SGD.load_artifact(path, given_vars)
+    assert BASE[victim][0] in str(info.value), info.value
+    assert [v.numpy().tobytes() for v in given_vars] == before
