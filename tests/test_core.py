@@ -145,3 +145,31 @@ def test_float_learning_rate_shares_one_program() -> None:
     a = StepProgram(SGDConfig.create(0.1, momentum=0.9), SPECS, MESH)
     b = StepProgram(SGDConfig.create(0.2, momentum=0.9), SPECS, MESH)
     assert a.signature == b.signature and a.lowered_text == b.lowered_text
+
+
+def test_each_argument_is_checked_once_per_step() -> None:
+    """The step's own results fed back, the learning-rate array it was given before and the
+    gradients `SGD` has checked are not checked again by the executable (issue 14: one check
+    per input per step); a gradient nobody checked is."""
+    variables = [sgdgen.Variable(np.ones(s.shape, np.float32), layout=s.layout, name=s.name) for s in SPECS]
+    opt = sgdgen.SGD(0.1, momentum=0.9, use_ema=True, mesh=MESH)
+    grads = lambda: [sgdgen.Variable(np.full(s.shape, 0.5, np.float32), layout=s.layout).value for s in SPECS]
+    opt.apply_gradients(zip(grads(), variables))
+    (step,) = opt._steps.values()
+    exe = step.executable
+    asked: list[int] = []
+    real = exe.equivalent
+    exe.equivalent = lambda have, want, ndim: asked.append(ndim) or real(have, want, ndim)
+    try:
+        opt.apply_gradients(zip(grads(), variables))
+        assert asked == [], "a fed-back state, a known learning rate or a checked gradient was checked again"
+        state = StepState(opt.iterations.value, tuple(m.value for m in opt._momenta),
+                          tuple(a.value for a in opt._averages))
+        new, state = step.apply(state, [v.value for v in variables], grads(), 0.1)  # gradients nobody checked
+        assert len(asked) == len(SPECS)
+        bad = [np.ones((3, 3), np.float32), grads()[1]]
+        with pytest.raises(ValueError, match="shape"):  # and a wrong one is still caught, before anything runs
+            step.apply(state, list(new), bad, 0.1)
+        assert not any(a.is_deleted() for a in new)
+    finally:
+        exe.equivalent = real

@@ -548,7 +548,8 @@ class SGD:
                               skipped.value if skipped is not None else None)
             # The inputs are donated by the step: from execute to the last bind, Ctrl-C waits (16.5).
             with uninterruptible():
-                params, new = step.apply(state, [v.value for v in variables], grads, lr)
+                params, new = step.apply(state, [v.value for v in variables], grads, lr,
+                                         grads_checked=True)  # `_place_gradient` checked them
                 counter = self._counter(new.iterations, it.dtype, it) if narrow else new.iterations
                 owners = [it, *variables, *momenta, *averages, *([skipped] if skipped is not None else [])]
                 values = [counter, *params, *new.momenta, *new.averages, *([new.skipped] if skipped is not None else [])]

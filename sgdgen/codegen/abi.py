@@ -163,6 +163,11 @@ class StepABI:
         return bool(self.inputs) and self.inputs[-1].role == "learning_rate"
 
     @cached_property
+    def gradient_positions(self) -> frozenset[int]:
+        """Indices of the gradient arguments."""
+        return frozenset(k for k, s in enumerate(self.inputs) if s.role == "gradient")
+
+    @cached_property
     def donated(self) -> tuple[int, ...]:
         """Indices of the arguments whose buffers the step takes over (the state)."""
         return tuple(k for k, s in enumerate(self.inputs) if s.role in STATE_ROLES)

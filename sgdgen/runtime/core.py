@@ -110,12 +110,15 @@ class Step:
         return self._lr[1]
 
     def apply(self, state: StepState, params: Sequence[Any], grads: Sequence[Any], lr: Any = None, *,
-              check: bool = True) -> tuple[tuple[Any, ...], StepState]:
+              check: bool = True, grads_checked: bool = False) -> tuple[tuple[Any, ...], StepState]:
         """One step: (new params, new state). Every argument is checked first (shape, dtype,
-        layout, a donated buffer passed twice): a mismatch raises before anything runs."""
+        layout, a donated buffer passed twice): a mismatch raises before anything runs.
+        `grads_checked`: the caller has checked the gradients' shapes, dtypes and layouts (as
+        `sgdgen.SGD` does, with Keras' errors), so they are not checked twice."""
         exe = self.executable
         args = self.abi.pack(state, params, grads, self.lr_argument(lr, exe) if lr is not None else None)
-        return self.abi.unpack(exe(args, check=check))
+        prechecked = self.abi.gradient_positions if grads_checked else frozenset()
+        return self.abi.unpack(exe(args, check=check, prechecked=prechecked))
 
 
 __all__ = ["Step", "StepState", "uninterruptible"]

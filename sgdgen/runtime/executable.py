@@ -78,7 +78,8 @@ class StepExecutable:
         # (which own their donated arguments' buffers) and its non-donated arguments. Replaced
         # whole after each call (bounded by the argument count); an entry counts only while
         # its weakref still names that very array.
-        self._known: dict[int, tuple[Any, tuple[int, ...]]] = {}
+        # id -> (weakref, shard buffer addresses, the argument position it was checked for)
+        self._known: dict[int, tuple[Any, tuple[int, ...], int]] = {}
         self._results_alias: bool | None = None  # results keep their arguments' buffers (checked once)
 
     @classmethod
@@ -122,34 +123,45 @@ class StepExecutable:
         arr = np.asarray(value, dtype=slot_dtype(slot))
         return backend.device_put(arr, self.sharding(slot))
 
-    def check(self, args: Sequence[Any]) -> tuple[int, ...]:
+    def check(self, args: Sequence[Any], prechecked: frozenset[int] = frozenset()) -> tuple[int, ...]:
         """Raises StepInputError naming the slot and the fix if any argument does not match.
+
+        Each argument's shape, dtype and layout is checked once: not again when it is this
+        executable's own result of the previous call fed back to the same position, or was
+        given to that position last call, or its position is in `prechecked` (the caller has
+        checked it, e.g. `sgdgen.SGD`'s gradients). Whether it is deleted, unique among the
+        donated arguments and free of shared buffers is checked every time.
 
         Returns the indices of non-donated arguments (gradients) that share a device buffer
         with a donated one: the step runs on a copy of those (`__call__` makes it)."""
-        return self._check(args)[0]
+        return self._check(args, prechecked)[0]
 
-    def _check(self, args: Sequence[Any]) -> tuple[tuple[int, ...], list[tuple[int, ...]]]:
+    def _check(self, args: Sequence[Any], prechecked: frozenset[int] = frozenset()
+               ) -> tuple[tuple[int, ...], list[tuple[int, ...]]]:
         if len(args) != len(self.abi.inputs):
             raise StepInputError(f"the step takes {len(self.abi.inputs)} arguments, got {len(args)}")
         seen: dict[int, str] = {}
-        equivalent = self.equivalent
-        for slot, a, want, want_dtype, donated in zip(self.abi.inputs, args, self.in_shardings, self.in_dtypes,
-                                                      self.in_donated):
+        equivalent, known = self.equivalent, self._known
+        for k, (slot, a, want, want_dtype, donated) in enumerate(zip(self.abi.inputs, args, self.in_shardings,
+                                                                     self.in_dtypes, self.in_donated)):
             what = f"{slot.role} {slot.name!r}"
             if getattr(a, "is_deleted", lambda: False)():
                 raise StepInputError(f"{what}: the array was donated to an earlier step and is deleted; "
                                      "pass the array that step returned")
-            shape, dtype = tuple(getattr(a, "shape", ())), np.dtype(getattr(a, "dtype", None))
-            if shape != slot.shape:
-                raise StepInputError(f"{what}: shape {list(shape)} does not match the compiled {list(slot.shape)}")
-            if dtype != want_dtype:
-                raise StepInputError(f"{what}: dtype {dtype} does not match the compiled {want_dtype}; "
-                                     f"cast it with .astype({want_dtype})")
-            have = getattr(a, "sharding", None)
-            if have is None or not equivalent(have, want, len(shape)):
-                raise StepInputError(f"{what}: laid out as {have}, but the step expects {want}; "
-                                     "jax.device_put it with that sharding")
+            entry = known.get(id(a))
+            trusted = k in prechecked or (entry is not None and entry[2] == k and entry[0]() is a)
+            if not trusted:
+                shape, dtype = tuple(getattr(a, "shape", ())), np.dtype(getattr(a, "dtype", None))
+                if shape != slot.shape:
+                    raise StepInputError(f"{what}: shape {list(shape)} does not match the compiled "
+                                         f"{list(slot.shape)}")
+                if dtype != want_dtype:
+                    raise StepInputError(f"{what}: dtype {dtype} does not match the compiled {want_dtype}; "
+                                         f"cast it with .astype({want_dtype})")
+                have = getattr(a, "sharding", None)
+                if have is None or not equivalent(have, want, len(shape)):
+                    raise StepInputError(f"{what}: laid out as {have}, but the step expects {want}; "
+                                         "jax.device_put it with that sharding")
             if donated:  # a donated buffer must be unique among the arguments
                 if id(a) in seen:
                     raise StepInputError(f"{what}: the same array is also passed as {seen[id(a)]}; a donated "
@@ -187,7 +199,8 @@ class StepExecutable:
         return tuple(k for k, donated in enumerate(self.in_donated)
                      if not donated and any(p in owner for p in pointers[k]))
 
-    def __call__(self, args: Sequence[Any], *, check: bool = True) -> list[Any]:
+    def __call__(self, args: Sequence[Any], *, check: bool = True, prechecked: frozenset[int] = frozenset()
+                 ) -> list[Any]:
         """Runs one step; returns the new state in `abi.outputs` order.
 
         With `check`, arguments are checked first (nothing runs on a mismatch), and a
@@ -195,7 +208,7 @@ class StepExecutable:
         if not check:
             return backend.execute(self.executable, args, self.out_shardings, self.out_avals)
         args = list(args)
-        copies, pointers = self._check(args)
+        copies, pointers = self._check(args, prechecked)
         for k in copies:
             args[k] = backend.copy_array(args[k])
         results = backend.execute(self.executable, args, self.out_shardings, self.out_avals)
@@ -219,10 +232,10 @@ class StepExecutable:
             r = results[o]
             inherited = self._results_alias and args[i].is_deleted()
             known[id(r)] = (weakref.ref(r), pointers[i] if inherited else
-                            backend.buffer_pointers(r) if sizes[i] else ())
+                            backend.buffer_pointers(r) if sizes[i] else (), i)
         for k, donated in enumerate(self.in_donated):
             if not donated and k not in copied:
-                known[id(args[k])] = (weakref.ref(args[k]), pointers[k])
+                known[id(args[k])] = (weakref.ref(args[k]), pointers[k], k)
         self._known = known
 
     def hlo_text(self) -> str:
