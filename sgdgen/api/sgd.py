@@ -653,6 +653,20 @@ class SGD:
         return opt
 
     # ---- checkpoints (orbax) ------------------------------------------------------------
+    def _logical(self, slot: Variable, k: int) -> Any:
+        """A slot's array as checkpoints hold it: a padded weight-update-sharded slot unpadded, in
+        its variable's shape and layout, so that any optimizer (sharded or not) can restore it."""
+        if not _padded(slot):
+            return slot.value
+        import jax
+        import jax.numpy as jnp
+
+        from sgdgen.frontend.zero import unpad
+
+        plan = slot._plan
+        return jax.jit(lambda x: unpad(plan, x, jnp), out_shardings=self._tracked[k].layout.named_sharding())(
+            slot.value)
+
     def save_checkpoint(self, directory: Any, step: int | None = None, **extra: Any) -> int:
         """Saves variables, momenta, EMA averages and `iterations`, with their shardings, and the
         config, as checkpoint `step` (default: the current `iterations`) under `directory`, a path
@@ -664,7 +678,8 @@ class SGD:
         if not self._built:
             raise RuntimeError("build the optimizer (opt.build(variables)) before saving a checkpoint")
         tree = checkpoint.state_tree(self._iterations.value, [v.value for v in self._tracked],
-                                     [m.value for m in self._momenta], [a.value for a in self._averages],
+                                     [self._logical(m, k) for k, m in enumerate(self._momenta)],
+                                     [self._logical(a, k) for k, a in enumerate(self._averages)],
                                      self._skipped.value if self._config.skip_nonfinite else None)
         specs = [checkpoint.spec(v._shared_name, v.shape, v.dtype, v.layout) for v in self._tracked]
         step = int(self._iterations.numpy()) if step is None else step
@@ -689,14 +704,20 @@ class SGD:
             return jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.layout.named_sharding())
 
         keeps_skipped = self._config.skip_nonfinite
+        def slot_abstract(slot: Variable, k: int) -> Any:  # a padded ZeRO slot is stored unpadded
+            return abstract(self._tracked[k] if _padded(slot) else slot)
+
         target = checkpoint.state_tree(abstract(self._iterations), [abstract(v) for v in self._tracked],
-                                       [abstract(m) for m in self._momenta], [abstract(a) for a in self._averages],
+                                       [slot_abstract(m, k) for k, m in enumerate(self._momenta)],
+                                       [slot_abstract(a, k) for k, a in enumerate(self._averages)],
                                        abstract(self._skipped) if keeps_skipped else None)
         specs = [checkpoint.spec(v._shared_name, v.shape, v.dtype, v.layout) for v in self._tracked]
         tree, _, restored = checkpoint.restore(
             directory, step, target, extra=extra,
             check=lambda meta: checkpoint.check_compatible(meta, specs, self._config.use_ema))
-        values = [tree["iterations"], *tree["variables"], *tree["momenta"], *tree["averages"]]
+        slots = [*self._momenta, *self._averages]
+        values = [tree["iterations"], *tree["variables"],
+                  *(_repad(slot, value) for slot, value in zip(slots, [*tree["momenta"], *tree["averages"]]))]
         if keeps_skipped:  # a checkpoint written without skip_nonfinite counted no skipped steps
             owners.append(self._skipped)
             values.append(tree["skipped"] if "skipped" in tree else
@@ -705,6 +726,22 @@ class SGD:
             for owner, value in zip(owners, values):
                 owner._bind(value)
         return restored
+
+
+def _padded(slot: Variable) -> bool:
+    """Whether a slot is weight-update sharded with padding (its global shape is not its variable's)."""
+    return slot._plan is not None and slot._plan.padded
+
+
+def _repad(slot: Variable, value: Any) -> Any:
+    """A restored slot value (in its variable's shape) laid out as `slot` is: padded when it is."""
+    if not _padded(slot):
+        return value
+    import jax
+    import jax.numpy as jnp
+
+    plan = slot._plan
+    return jax.jit(lambda x: pad(plan, x, jnp), out_shardings=slot.layout.named_sharding())(value)
 
 
 def _refuse_tracers(pairs: Sequence[tuple[Any, Any]]) -> None:

@@ -70,13 +70,14 @@ def shard_plan(shape: Sequence[int], dims: Dims, sizes: Mapping[str, int], axis:
     return ShardPlan(axis, n, dim, local, tuple(padded_local), tuple(slot_shape), slot_dims)
 
 
-def unpad(plan: ShardPlan | None, value: np.ndarray) -> np.ndarray:
-    """A slot's logical value (the variable's shape) from its padded global value."""
+def unpad(plan: ShardPlan | None, value: Any, xp: Any = np) -> Any:
+    """A slot's logical value (the variable's shape) from its padded global value.
+    `xp`: the array module (numpy, or jax.numpy for device arrays)."""
     if plan is None or not plan.padded:
         return value
     d, outer = plan.dim, plan.outer
     blocks = value.reshape(value.shape[:d] + (outer, plan.padded_local[d]) + value.shape[d + 1:])
-    kept = np.take(blocks, np.arange(plan.local[d]), axis=d + 1)
+    kept = xp.take(blocks, xp.arange(plan.local[d]), axis=d + 1)
     return kept.reshape(value.shape[:d] + (outer * plan.local[d],) + value.shape[d + 1:])
 
 
