@@ -27,7 +27,7 @@ import pytest
 
 import sgdgen
 from sgdgen.io import artifact
-from sgdgen.runtime import program as program_mod
+from sgdgen.runtime.cache import default_cache
 from sgdgen.io.artifact import ArtifactError
 from sgdgen.io.manifest import (CALLING_CONVENTION_VERSION, FORMAT_VERSION, MIN_CALLING_CONVENTION_VERSION,
                                 MIN_FORMAT_VERSION)
@@ -529,7 +529,7 @@ def test_sgd_save_and_load_artifact(tmp_path: Path) -> None:
 
     # Fresh variables holding opt1's current values; the loaded optimizer takes opt1's state.
     v2 = _variables({v._shared_name: v.numpy() for v in v1})
-    program_mod.clear_memory_cache()
+    default_cache().clear()
     before = (STATS.compiles, STATS.disk_hits)
     opt2 = sgdgen.SGD.load_artifact(out, v2)
     assert opt2.get_config() == opt1.get_config()
@@ -657,7 +657,7 @@ def test_load_never_regenerates_the_module(written: Path, monkeypatch: pytest.Mo
     reads: list[str] = []
     real = artifact._read_file
     monkeypatch.setattr(artifact, "_read_file", lambda root, name: reads.append(name) or real(root, name))
-    program_mod.clear_memory_cache()
+    default_cache().clear()
     art = artifact.read(written, mesh=MESH, variables=list(VARS))
     step = art.executable()
     assert sorted(reads) == sorted(["manifest.json", *manifest(written)["files"]])
@@ -697,7 +697,7 @@ def test_saved_executable_is_not_the_cached_one(prog: StepProgram, tmp_path: Pat
     compiled step in memory (which may come from the persistent cache)."""
     from sgdgen import backend
 
-    program_mod.executable_for(prog)
+    prog.executable()
     out = artifact.write(prog, tmp_path / "a")
     (entry,) = manifest(out)["executables"].values()
     exe = backend.deserialize_executable(executable_file(out).read_bytes(), backend.devices_for(MESH.device_ids))

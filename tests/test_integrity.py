@@ -141,10 +141,10 @@ def test_state_arrays_sharing_a_buffer_are_refused_before_anything_runs(private_
 
 
 def test_a_fed_back_state_is_not_asked_for_its_buffers_again(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The per-step cost: after the first step only the new gradients' shards are read (results
-    keep their donated arguments' buffers); the learning-rate argument is remembered too. A cache
-    of its own: the executable's first call (which decides whether results inherit addresses)
-    must be this test's, not an earlier test's of the same program."""
+    """The per-step cost: once the state is the step's own results, only the new gradients'
+    shards are read (results keep their donated arguments' buffers); the learning-rate argument
+    is remembered too. A cache of its own: the calls that show results inherit addresses must be
+    this test's, not an earlier test's of the same program."""
     from sgdgen import backend
     from sgdgen.runtime.cache import ExecutableCache
 
@@ -154,7 +154,8 @@ def test_a_fed_back_state_is_not_asked_for_its_buffers_again(monkeypatch: pytest
           for i in range(3)]
     opt = sgdgen.SGD(0.1, momentum=0.9, use_ema=True)
     fresh = lambda: [jax.device_put(np.full(v.shape, 0.5, np.float32), v.layout.named_sharding()) for v in vs]
-    opt.apply_gradients(zip(fresh(), vs))
+    opt.apply_gradients(zip(fresh(), vs))  # from host-transferred state: XLA CPU may not reuse every buffer
+    opt.apply_gradients(zip(fresh(), vs))  # from the step's own results: it does, and that is recorded
     calls: list[int] = []
     real = backend.buffer_pointers
     monkeypatch.setattr(backend, "buffer_pointers", lambda a: calls.append(id(a)) or real(a))

@@ -136,6 +136,8 @@ class SGD:
         self._exclude_names: list[str] = []
         self._steps: dict[tuple[Any, ...], Step] = {}  # per (variable set, config signature): no per-step rebuild
         self._equivalent = ShardingMatcher()
+        self._signature: tuple[SGDConfig, SGDConfig] | None = None  # (config, its program config), last used
+        self._decay: dict[int, bool] = {}  # weight decay per variable, fixed once built
         self._lock = threading.RLock()  # one step (or state change) at a time per optimizer (issue 16.6)
 
     # ---- configuration -----------------------------------------------------------------
@@ -299,6 +301,14 @@ class SGD:
         self._exclude_names = list(var_names or [])
 
     def _use_weight_decay(self, var: Variable) -> bool:
+        if self._built:  # the exclusions are fixed from build on: one regex search per variable, not per step
+            flag = self._decay.get(var._unique_id)
+            if flag is None:
+                flag = self._decay[var._unique_id] = self._decays(var)
+            return flag
+        return self._decays(var)
+
+    def _decays(self, var: Variable) -> bool:
         if var._unique_id in self._exclude_ids:
             return False
         return not any(re.search(p, var.name) for p in self._exclude_names)
@@ -511,7 +521,9 @@ class SGD:
               mesh: Mesh | None = None) -> Step:
         """The functional step for these variables and config (built once per signature).
         Variables are keyed by identity; the specs get unique names (`_unique_names`)."""
-        signature = _program_config(config)
+        if self._signature is None or self._signature[0] is not config:  # not rebuilt every step
+            self._signature = (config, _program_config(config))
+        signature = self._signature[1]
         key = (tuple(v._unique_id for v in variables), tuple(decay), signature)
         step = self._steps.get(key)
         if step is None:
@@ -639,7 +651,7 @@ class SGD:
         when the artifact holds an executable for this platform). The artifact's config,
         mesh and variables' signature must match; otherwise an error says what differs."""
         from sgdgen.io import artifact
-        from sgdgen.runtime.program import register_executable
+        from sgdgen.runtime.cache import default_cache
 
         variables = list(variables)
         art = artifact.read(path)  # read and verified once
@@ -647,7 +659,7 @@ class SGD:
         decay = [v.decay for v in art.program.variables]
         given = list(opt._program(variables, opt._config, decay).variables)
         art.check(mesh=opt.mesh, variables=given)
-        register_executable(art.program, art.executable())
+        default_cache().put(art.program, art.executable())  # this process's step for the program
         opt.exclude_from_weight_decay(var_list=[v for v, d in zip(variables, decay) if not d])
         opt.build(variables)
         return opt

@@ -223,13 +223,18 @@ class StepABI:
         """result index -> argument index it updates in place."""
         return {k: k for k in range(len(self.outputs))}
 
+    @cached_property
+    def _positions(self) -> tuple[dict[tuple[str, int | None], int], dict[tuple[str, int | None], int]]:
+        """(role, variable) -> position, for the arguments and for the results."""
+        return ({(s.role, s.var): k for k, s in enumerate(self.inputs)},
+                {(s.role, s.var): k for k, s in enumerate(self.outputs)})
+
     def index(self, role: str, var: int | None = None, *, outputs: bool = False) -> int:
         """Position of the slot with this role (and variable index)."""
-        seq = self.outputs if outputs else self.inputs
-        for k, s in enumerate(seq):
-            if s.role == role and s.var == var:
-                return k
-        raise KeyError(f"no {'result' if outputs else 'argument'} with role {role!r} for variable {var}")
+        k = self._positions[bool(outputs)].get((role, var))
+        if k is None:
+            raise KeyError(f"no {'result' if outputs else 'argument'} with role {role!r} for variable {var}")
+        return k
 
     def to_json(self) -> dict[str, Any]:
         return {"inputs": [s.to_json() for s in self.inputs], "outputs": [s.to_json() for s in self.outputs],

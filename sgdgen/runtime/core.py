@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from sgdgen import backend
 from sgdgen.codegen.abi import StepABI, StepState
+from sgdgen.frontend.zero import pad
 from sgdgen.runtime.cache import ExecutableCache, default_cache
-from sgdgen.runtime.executable import StepExecutable, slot_dtype
+from sgdgen.runtime.executable import StepExecutable, put
 from sgdgen.runtime.program import StepProgram
 
 
@@ -79,25 +79,17 @@ class Step:
 
     def init(self, params: Sequence[Any], iterations: int = 0) -> StepState:
         """A fresh state for `params`: zero momenta and EMA averages equal to the variables
-        (tf_keras' slot initialisers), laid out as each variable; `iterations` as given; a
-        zero skipped-step counter with skip_nonfinite."""
+        (tf_keras' slot initialisers), laid out as each slot (padded where weight-update
+        sharding pads it); `iterations` as given; a zero skipped-step counter with skip_nonfinite."""
         abi = self.abi
-        # Fresh host copies: a NumPy view of a jax.Array (np.asarray of a replicated one) is
-        # transferred zero-copy, and the state would share the buffer it donates.
-        placed = [backend.device_put(np.array(p, slot_dtype(s), copy=True), s.layout.named_sharding())
-                  for p, s in zip(params, (abi.inputs[abi.index("variable", i)] for i in range(abi.num_variables)))]
-        zeros = [backend.device_put(np.zeros(s.shape, slot_dtype(s)), s.layout.named_sharding())
-                 for s in (abi.inputs[abi.index("momentum", i)] for i in range(abi.num_variables))]
-        averages = tuple(backend.device_put(np.array(p, copy=True), p.sharding) for p in placed) if abi.use_ema else ()
-        it_slot = abi.inputs[abi.index("iterations")]
-        iterations_arr = backend.device_put(np.asarray(iterations, np.int64), it_slot.layout.named_sharding())
-        skipped = None
-        if abi.skip_nonfinite:
-            sk_slot = abi.inputs[abi.index("skipped")]
-            skipped = backend.device_put(np.asarray(0, np.int64), sk_slot.layout.named_sharding())
-        return StepState(iterations_arr, tuple(zeros), averages, skipped)
+        n = range(abi.num_variables)
+        momenta = tuple(put(abi.slot("momentum", i), np.zeros(abi.slot("momentum", i).shape)) for i in n)
+        averages = tuple(put(abi.slot("average", i), pad(abi.slot("average", i).plan, np.asarray(params[i])))
+                         for i in n) if abi.use_ema else ()
+        skipped = put(abi.slot("skipped", None), 0) if abi.skip_nonfinite else None
+        return StepState(put(abi.slot("iterations", None), iterations), momenta, averages, skipped)
 
-    def lr_argument(self, lr: Any, executable: StepExecutable | None = None) -> Any:
+    def lr_argument(self, lr: Any) -> Any:
         """The learning-rate argument for a float rate, transferred once per value (not donated)."""
         if not self.abi.lr_input:
             return None
@@ -106,7 +98,7 @@ class Step:
         value = np.float32(lr)
         key = value.tobytes()
         if self._lr is None or self._lr[0] != key:
-            self._lr = (key, (executable or self.executable).put(self.abi.inputs[-1], value))
+            self._lr = (key, put(self.abi.inputs[-1], value))
         return self._lr[1]
 
     def apply(self, state: StepState, params: Sequence[Any], grads: Sequence[Any], lr: Any = None, *,
@@ -116,7 +108,7 @@ class Step:
         `grads_checked`: the caller has checked the gradients' shapes, dtypes and layouts (as
         `sgdgen.SGD` does, with Keras' errors), so they are not checked twice."""
         exe = self.executable
-        args = self.abi.pack(state, params, grads, self.lr_argument(lr, exe) if lr is not None else None)
+        args = self.abi.pack(state, params, grads, self.lr_argument(lr) if lr is not None else None)
         prechecked = self.abi.gradient_positions if grads_checked else frozenset()
         return self.abi.unpack(exe(args, check=check, prechecked=prechecked))
 

@@ -50,6 +50,12 @@ class ShardingMatcher:
         return hit
 
 
+def put(slot: Slot, value: Any) -> Any:
+    """A fresh device array of `value` (copied on the host: a NumPy view of a jax.Array would be
+    transferred zero-copy and share the buffer the step donates) in the slot's dtype and layout."""
+    return backend.device_put(np.array(value, dtype=slot_dtype(slot), copy=True), slot.layout.named_sharding())
+
+
 def slot_dtype(slot: Slot) -> np.dtype:
     return numpy_dtype(slot.dtype)
 
@@ -80,7 +86,7 @@ class StepExecutable:
         # its weakref still names that very array.
         # id -> (weakref, shard buffer addresses, the argument position it was checked for)
         self._known: dict[int, tuple[Any, tuple[int, ...], int]] = {}
-        self._results_alias: bool | None = None  # results keep their arguments' buffers (checked once)
+        self._results_alias: bool | None = None  # results keep their arguments' buffers (seen on a call)
 
     @classmethod
     def compile(cls, text: str, abi: StepABI, mesh: Mesh, *, in_place: bool = True) -> StepExecutable:
@@ -115,13 +121,9 @@ class StepExecutable:
                 f"(first: {missing[0]!r}); compile the lowered module (sgd-alias-buffers marks "
                 "tf.aliasing_output on every state argument)")
 
-    def sharding(self, slot: Slot) -> Any:
-        return slot.layout.named_sharding()
-
     def put(self, slot: Slot, value: Any) -> Any:
         """Places a host value (or an array) as the step expects this slot."""
-        arr = np.asarray(value, dtype=slot_dtype(slot))
-        return backend.device_put(arr, self.sharding(slot))
+        return put(slot, value)
 
     def check(self, args: Sequence[Any], prechecked: frozenset[int] = frozenset()) -> tuple[int, ...]:
         """Raises StepInputError naming the slot and the fix if any argument does not match.
@@ -222,9 +224,11 @@ class StepExecutable:
         A result lives in its argument's buffer when that argument was donated, i.e. is now
         deleted; PJRT keeps (and copies) a buffer that something else still holds, such as a
         NumPy view from `np.asarray(x)` of a replicated array, so such a result is asked for
-        its own addresses. The first call checks the rule against every result."""
+        its own addresses. The rule is checked against every result on each call until one call
+        shows it: on CPU the first step after a host transfer may not reuse every donated buffer,
+        and deciding on that call alone would ask every result for its addresses forever."""
         aliases, sizes = self.abi.aliases, self.in_sizes
-        if self._results_alias is None:
+        if not self._results_alias:
             self._results_alias = all(backend.buffer_pointers(results[o]) == pointers[i]
                                       for o, i in aliases.items() if sizes[i] and args[i].is_deleted())
         known: dict[int, tuple[Any, tuple[int, ...]]] = {}

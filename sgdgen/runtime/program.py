@@ -10,15 +10,13 @@ it share one executable. Executables come from an `ExecutableCache`
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import os
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
 from sgdgen.codegen.abi import StepABI
 from sgdgen.frontend.spec import Mesh, VarSpec
-from sgdgen.runtime.cache import CacheStats, ExecutableCache, default_cache, set_default_cache
+from sgdgen.runtime.cache import CacheStats, ExecutableCache, default_cache
 from sgdgen.runtime.executable import StepExecutable
 
 
@@ -63,42 +61,9 @@ class StepProgram:
             return self.signature.lowered_text
         return run_pipeline(self.stage0_text, pipeline_for(self.abi.shard_update_over))
 
-    @cached_property
-    def key(self) -> str:
-        """sha256 of the lowered program and the device assignment."""
-        h = hashlib.sha256(self.lowered_text.encode())
-        h.update(repr(self.mesh.device_ids).encode())
-        return h.hexdigest()
-
     def executable(self, cache: ExecutableCache | None = None) -> StepExecutable:
         """The compiled step, from `cache` (default: the process-wide one)."""
         return (cache or default_cache()).get(self)
-
-
-def executable_for(program: StepProgram) -> StepExecutable:
-    """The compiled step of `program` from the process-wide cache."""
-    return default_cache().get(program)
-
-
-def register_executable(program: StepProgram, step: StepExecutable) -> None:
-    """Makes `step` (e.g. loaded from an artifact; `StepExecutable.wrap` has checked its
-    aliasing) the executable of `program` in the process-wide cache."""
-    default_cache().put(program, step)
-
-
-def clear_memory_cache() -> None:
-    """Forgets the process-wide cache's compiled steps (the on-disk store stays)."""
-    default_cache().clear()
-
-
-def configure_persistent_cache(path: str | os.PathLike[str] | None = None) -> str | None:
-    """Gives the process-wide cache the on-disk directory `path` (default: `$SGDGEN_CACHE_DIR` or
-    ~/.cache/sgdgen/xla; SGDGEN_CACHE_DIR="" disables it). JAX's own configuration is not touched.
-    Returns the directory in use, or None."""
-    from sgdgen.runtime.cache import _UNSET
-
-    set_default_cache(ExecutableCache(_UNSET if path is None else path))
-    return default_cache().directory
 
 
 def __getattr__(name: str) -> Any:
@@ -109,5 +74,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(name)
 
 
-__all__ = ["CacheStats", "StepProgram", "clear_memory_cache", "configure_persistent_cache", "executable_for",
-           "register_executable"]
+__all__ = ["CacheStats", "StepProgram"]

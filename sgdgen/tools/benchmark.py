@@ -117,7 +117,7 @@ def _sgdgen_apply(model: Model, init: list[np.ndarray], grads: list[Any], art_di
     import jax
 
     import sgdgen
-    from sgdgen.runtime.program import clear_memory_cache
+    from sgdgen.runtime.cache import default_cache
 
     def build(values: list[np.ndarray]) -> list[Any]:
         return [sgdgen.Variable(x, name=f"v{i}", **({} if model.layouts is None else
@@ -139,7 +139,7 @@ def _sgdgen_apply(model: Model, init: list[np.ndarray], grads: list[Any], art_di
     program = opt._program(variables, opt.config, opt._decay_flags(variables))
     exe = program.executable().executable
     opt.save_artifact(art_dir)
-    clear_memory_cache()
+    default_cache().clear()
     fresh = build(init)
     loaded = sgdgen.SGD.load_artifact(art_dir, fresh)
     loaded_step = runner(loaded, fresh)
