@@ -4,6 +4,13 @@
     state = step.init(params)
     params, state = step(params, grads, state, lr=0.05)     # eager, or inside jax.jit
 
+With `buckets=True` the small replicated parameters are packed into a few flat buffers
+(sgdgen.frontend.buckets) and the program steps those: `step.flatten(params)` gives the
+buffers (a `FlatParams`), `step.unflatten(flat)` the pytree (static slices XLA fuses into
+their readers). Differentiate with respect to the flat buffers and the step takes and returns
+them as they are, a handful of arrays whatever the number of leaves; per-leaf params and grads
+are accepted too and packed in the program.
+
 What runs is the generated, pass-rewritten module (`step.program.lowered_text`) called
 through the `sgdgen_step` primitive (sgdgen.runtime.primitive): forward, backward and the
 update compile into one XLA program. Argument order is `StepABI.pack` / `unpack`; in-place
@@ -14,15 +21,17 @@ to say which optimizer buffers it would copy instead.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from sgdgen import backend
 from sgdgen.api.sgd import SGD
 from sgdgen.codegen.abi import StepABI, StepState
+from sgdgen.frontend import buckets as bucketing
 from sgdgen.frontend.zero import pad
 from sgdgen.errors import ConfigError, StepInputError
 from sgdgen.frontend.config import SGDConfig
@@ -103,16 +112,25 @@ def _config(config: Any, kwargs: Mapping[str, Any]) -> SGDConfig:
                       f"{type(config).__name__}")
 
 
+class FlatParams(NamedTuple):
+    """A bucketed step's parameters as its program holds them: one array per buffer (a flat
+    bucket, or a large leaf as it is), in `step.plan.buckets` order. A pytree (a NamedTuple)."""
+
+    buffers: tuple[Any, ...]
+
+
 @dataclass(frozen=True)
 class JaxStep:
     """The SGD step of one program as a pure function of pytrees (see `jax_step`).
 
-    `state.momenta` and `state.averages` hold one array per parameter leaf, in the
-    order of `jax.tree_util.tree_leaves(params)`.
+    `state.momenta` and `state.averages` hold one array per buffer of the program: per
+    parameter leaf, in the order of `jax.tree_util.tree_leaves(params)`, or with buckets per
+    `plan.buckets` entry (`per_variable(state)` gives them per leaf).
     """
 
     program: StepProgram
     treedef: Any
+    plan: bucketing.BucketPlan | None = None
 
     @property
     def abi(self) -> StepABI:
@@ -120,7 +138,8 @@ class JaxStep:
 
     @property
     def names(self) -> tuple[str, ...]:
-        return tuple(v.name for v in self.program.variables)
+        """The parameter leaves' names ("dense/kernel"), in leaf order."""
+        return tuple(v.name for v in (self.plan.variables if self.plan is not None else self.program.variables))
 
     def _leaves(self, tree: Any, what: str) -> list[Any]:
         import jax
@@ -131,13 +150,77 @@ class JaxStep:
                                  "pass a pytree shaped like the params_like given to jax_step")
         return leaves
 
-    def init(self, params: Any, iterations: int = 0) -> StepState:
-        """A fresh state: iterations (int32, int64 with x64), zero momenta and EMA averages equal to
-        the params, each laid out as its parameter, a zero `skipped` counter with skip_nonfinite.
-        Traceable (works inside jit)."""
+    def _buffers(self, tree: Any, what: str) -> tuple[list[Any], bool]:
+        """The program's per-buffer values of params or grads, and whether they came flat."""
         import jax.numpy as jnp
 
-        leaves = self._leaves(params, "params")
+        if isinstance(tree, FlatParams):
+            if self.plan is None:
+                raise StepInputError(f"{what} are FlatParams, but this step was built without buckets; pass the "
+                                     "pytree, or build the step with jax_step(..., buckets=True)")
+            if len(tree.buffers) != len(self.plan.buckets):
+                raise StepInputError(f"{what} hold {len(tree.buffers)} buffers, but the step's plan has "
+                                     f"{len(self.plan.buckets)}; make them with this step's flatten()")
+            return list(tree.buffers), True
+        leaves = self._leaves(tree, what)
+        if self.plan is None:
+            return leaves, False
+        for i, (leaf, m) in enumerate(zip(leaves, self.plan.members)):
+            if tuple(leaf.shape) != m.shape:
+                name = self.plan.variables[i].name
+                raise StepInputError(f"{what[:-1]} {name!r}: shape {list(leaf.shape)} does not match the step's "
+                                     f"{list(m.shape)}")
+        return self.plan.pack(leaves, jnp), False
+
+    def flatten(self, params: Any) -> FlatParams:
+        """The parameters as the bucketed program holds them (traceable; a copy into the buckets)."""
+        if self.plan is None:
+            raise ConfigError("this step has no buckets; build it with jax_step(..., buckets=True) to flatten")
+        buffers, flat = self._buffers(params, "params")
+        if flat:
+            return params
+        placed = [primitive.placed(b, self.abi.inputs[self.abi.index("variable", k)]) for k, b in enumerate(buffers)]
+        return FlatParams(tuple(placed))
+
+    def unflatten(self, flat: FlatParams) -> Any:
+        """The parameter pytree of a `FlatParams` (static slices: inside a jit, fused into their readers)."""
+        import jax
+        import jax.numpy as jnp
+
+        buffers, _ = self._buffers(flat, "params")
+        leaves = self.plan.unpack(buffers, jnp) if self.plan is not None else buffers
+        return jax.tree_util.tree_unflatten(self.treedef, leaves)
+
+    def per_variable(self, state: StepState) -> StepState:
+        """The state with one momentum (and average) per parameter leaf, in leaf order: what a
+        checkpoint of this step holds, whether or not it is bucketed."""
+        import jax.numpy as jnp
+
+        if self.plan is None:
+            return state
+        return state._replace(momenta=tuple(self.plan.unpack(state.momenta, jnp)),
+                              averages=tuple(self.plan.unpack(state.averages, jnp)) if state.averages else ())
+
+    def from_per_variable(self, state: StepState) -> StepState:
+        """The inverse of `per_variable`: a per-leaf state in this step's buffers."""
+        import jax.numpy as jnp
+
+        if self.plan is None:
+            return state
+        abi = self.abi
+        momenta = [primitive.placed(m, abi.slot("momentum", k))
+                   for k, m in enumerate(self.plan.pack(state.momenta, jnp))]
+        averages = ([primitive.placed(a, abi.slot("average", k))
+                     for k, a in enumerate(self.plan.pack(state.averages, jnp))] if state.averages else [])
+        return state._replace(momenta=tuple(momenta), averages=tuple(averages))
+
+    def init(self, params: Any, iterations: int = 0) -> StepState:
+        """A fresh state: iterations (int32, int64 with x64), zero momenta and EMA averages equal to
+        the params, each laid out as its parameter (per buffer with buckets), a zero `skipped`
+        counter with skip_nonfinite. `params`: the pytree, or FlatParams. Traceable."""
+        import jax.numpy as jnp
+
+        leaves, _ = self._buffers(params, "params")
         abi = self.abi
         slots = [abi.inputs[abi.index("momentum", i)] for i in range(abi.num_variables)]
         momenta = tuple(primitive.placed(jnp.zeros(s.shape, leaf.dtype), s) for s, leaf in zip(slots, leaves))
@@ -163,13 +246,22 @@ class JaxStep:
             lr = np.float32(config.learning_rate)
         if not isinstance(state, StepState):
             raise StepInputError(f"state must be the StepState of step.init(params), got {type(state).__name__}")
-        args = self.abi.pack(state, self._leaves(params, "params"), self._leaves(grads, "grads"), lr)
+        param_buffers, flat = self._buffers(params, "params")
+        grad_buffers, _ = self._buffers(grads, "grads")
+        args = self.abi.pack(state, param_buffers, grad_buffers, lr)
         new_params, new_state = self.abi.unpack(primitive.apply(self.program, args))
+        if flat:
+            return FlatParams(tuple(new_params)), new_state
+        if self.plan is not None:
+            import jax.numpy as jnp
+
+            new_params = self.plan.unpack(new_params, jnp)
         return jax.tree_util.tree_unflatten(self.treedef, new_params), new_state
 
 
 def jax_step(config: Any = None, params_like: Any = None, *, mesh: Any = None, layouts: Any = None,
-             exclude_from_weight_decay: Sequence[str] = (), **sgd_kwargs: Any) -> JaxStep:
+             exclude_from_weight_decay: Sequence[str] = (), buckets: bool = False,
+             bucket_threshold: int = bucketing.DEFAULT_THRESHOLD, **sgd_kwargs: Any) -> JaxStep:
     """The sgdgen SGD step for parameters shaped like `params_like` (a pytree of arrays or
     `jax.ShapeDtypeStruct`s), as a pure JAX function.
 
@@ -180,6 +272,9 @@ def jax_step(config: Any = None, params_like: Any = None, *, mesh: Any = None, l
       from the leaf's NamedSharding, else replicated).
     exclude_from_weight_decay: regular expressions; a leaf whose name ("dense/kernel") matches one
       (`re.search`) gets no weight decay.
+    buckets: pack the replicated leaves of fewer than `bucket_threshold` elements into flat
+      buffers, one per (dtype, weight decay) group (sgdgen.frontend.buckets); no effect with
+      clipnorm, which clips each leaf by its own norm.
     """
     import jax
 
@@ -191,7 +286,7 @@ def jax_step(config: Any = None, params_like: Any = None, *, mesh: Any = None, l
         raise SpecError("params_like has no leaves: the step needs at least one parameter")
     leaves = [leaf for _, leaf in paths_leaves]
     names = [_leaf_name(path) for path, _ in paths_leaves]
-    duplicate = {n for n in names if names.count(n) > 1}
+    duplicate = {n for n, k in Counter(names).items() if k > 1}
     if duplicate:
         raise SpecError(f"two parameters are both named {sorted(duplicate)[0]!r}; give the pytree distinct keys")
     step_mesh = Mesh.of(mesh) if mesh is not None else _mesh_of_leaves(leaves)
@@ -204,7 +299,10 @@ def jax_step(config: Any = None, params_like: Any = None, *, mesh: Any = None, l
         decay = not any(re.search(p, name) for p in exclude_from_weight_decay)
         specs.append(VarSpec(name, tuple(leaf.shape), dtype, _layout(name, leaf, lay, step_mesh), decay))
     backend.devices_for(step_mesh.device_ids)  # the devices exist (else: how to make them)
-    return JaxStep(StepProgram(cfg, tuple(specs), step_mesh), treedef)
+    if not buckets:
+        return JaxStep(StepProgram(cfg, tuple(specs), step_mesh), treedef)
+    plan = bucketing.plan(specs, step_mesh, threshold=bucket_threshold, per_variable_norms=cfg.clipnorm is not None)
+    return JaxStep(StepProgram(cfg, plan.buckets, step_mesh), treedef, plan)
 
 
 def check_in_place(compiled: Any, *, params_argnums: Sequence[int] = ()) -> list[str]:
@@ -232,4 +330,4 @@ def check_in_place(compiled: Any, *, params_argnums: Sequence[int] = ()) -> list
     return [name for name, index in wanted if param_of[index] is None or param_of[index] not in aliased]
 
 
-__all__ = ["JaxStep", "check_in_place", "jax_step"]
+__all__ = ["FlatParams", "JaxStep", "check_in_place", "jax_step"]

@@ -178,6 +178,16 @@ def _jax_step(model: Model, params: list[Any], grads: list[Any]) -> Contender:
     return _jit_contender(lambda p, s, g: step(p, g, s), [params, state], (grads,), (0, 1))
 
 
+def _flat_step(model: Model, params: list[Any], grads: list[Any]) -> Contender:
+    """`jax_step(buckets=True)` in jit on flat buffers: what a user who differentiates with
+    respect to `step.flatten(params)` runs (gradients arrive flat from jax.grad)."""
+    import sgdgen
+
+    step = sgdgen.jax_step(dict(CONFIG), params, mesh=model.mesh or None, buckets=True)
+    flat = step.flatten(params)
+    return _jit_contender(lambda p, s, g: step(p, g, s), [flat, step.init(flat)], (step.flatten(grads),), (0, 1))
+
+
 def _optax(params: list[Any], grads: list[Any]) -> Contender:
     import jax
     import optax
@@ -266,6 +276,7 @@ def contenders(model: Model, art_dir: str) -> tuple[dict[str, Contender], dict[s
     out.update(_sgdgen_apply(model, init, grads, art_dir))
     if importlib.util.find_spec("sgdgen.integrations") and importlib.util.find_spec("sgdgen.integrations.jax"):
         out["sgdgen_jax_step"] = _jax_step(model, put(init), grads)
+        out["sgdgen_flat"] = _flat_step(model, put(init), grads)
     else:
         skipped["sgdgen_jax_step"] = "sgdgen.integrations.jax is not in this build"
     out["optax"] = _optax(put(init), grads)
@@ -671,7 +682,7 @@ def notes(result: dict[str, Any]) -> list[str]:
     return out
 
 
-COLUMNS = ("sgdgen", "sgdgen_artifact", "sgdgen_jax_step", "optax", "keras", "torch_foreach", "torch_fused", "bound")
+COLUMNS = ("sgdgen", "sgdgen_artifact", "sgdgen_jax_step", "sgdgen_flat", "optax", "keras", "torch_foreach", "torch_fused", "bound")
 
 
 def table(result: dict[str, Any]) -> Any:
