@@ -32,7 +32,7 @@ from sgdgen import backend
 from sgdgen.api.sgd import SGD
 from sgdgen.codegen.abi import StepABI, StepState
 from sgdgen.frontend import buckets as bucketing
-from sgdgen.frontend.zero import pad
+from sgdgen.frontend.zero import pad, unpad
 from sgdgen.errors import ConfigError, StepInputError
 from sgdgen.frontend.config import SGDConfig
 from sgdgen.frontend.spec import Layout, Mesh, SpecError, VarSpec, canonical_dtype
@@ -192,27 +192,33 @@ class JaxStep:
         return jax.tree_util.tree_unflatten(self.treedef, leaves)
 
     def per_variable(self, state: StepState) -> StepState:
-        """The state with one momentum (and average) per parameter leaf, in leaf order: what a
-        checkpoint of this step holds, whether or not it is bucketed."""
+        """The state with one momentum (and average) per parameter leaf, in leaf order and in the
+        leaf's shape (weight-update sharding's padding dropped): what a checkpoint of this step
+        holds, bucketed or not, sharded or not."""
         import jax.numpy as jnp
 
-        if self.plan is None:
-            return state
-        return state._replace(momenta=tuple(self.plan.unpack(state.momenta, jnp)),
-                              averages=tuple(self.plan.unpack(state.averages, jnp)) if state.averages else ())
+        abi = self.abi
+
+        def logical(role: str, values: Sequence[Any]) -> tuple[Any, ...]:
+            values = [unpad(abi.slot(role, k).plan, v, jnp) for k, v in enumerate(values)]
+            return tuple(self.plan.unpack(values, jnp) if self.plan is not None else values)
+
+        return state._replace(momenta=logical("momentum", state.momenta),
+                              averages=logical("average", state.averages) if state.averages else ())
 
     def from_per_variable(self, state: StepState) -> StepState:
-        """The inverse of `per_variable`: a per-leaf state in this step's buffers."""
+        """The inverse of `per_variable`: a per-leaf state in this step's buffers and layouts."""
         import jax.numpy as jnp
 
-        if self.plan is None:
-            return state
         abi = self.abi
-        momenta = [primitive.placed(m, abi.slot("momentum", k))
-                   for k, m in enumerate(self.plan.pack(state.momenta, jnp))]
-        averages = ([primitive.placed(a, abi.slot("average", k))
-                     for k, a in enumerate(self.plan.pack(state.averages, jnp))] if state.averages else [])
-        return state._replace(momenta=tuple(momenta), averages=tuple(averages))
+
+        def buffers(role: str, values: Sequence[Any]) -> tuple[Any, ...]:
+            values = self.plan.pack(values, jnp) if self.plan is not None else list(values)
+            return tuple(primitive.placed(pad(abi.slot(role, k).plan, v, jnp), abi.slot(role, k))
+                         for k, v in enumerate(values))
+
+        return state._replace(momenta=buffers("momentum", state.momenta),
+                              averages=buffers("average", state.averages) if state.averages else ())
 
     def init(self, params: Any, iterations: int = 0) -> StepState:
         """A fresh state: iterations (int32, int64 with x64), zero momenta and EMA averages equal to
