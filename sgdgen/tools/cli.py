@@ -90,6 +90,14 @@ def cmd_emit(args: argparse.Namespace) -> int:
     from sgdgen.codegen.generate import GenerateError, generate_text
 
     config, mesh, variables = _step_inputs(args)
+    if args.buckets is not None:
+        from sgdgen.frontend import buckets
+
+        if args.buckets < 1:
+            raise UsageError(f"--buckets: the threshold is a positive number of elements, got {args.buckets}")
+        plan = buckets.plan(variables, mesh, threshold=args.buckets, per_variable_norms=config.clipnorm is not None)
+        variables = list(plan.buckets)
+        sys.stderr.write(f"sgdgen emit: {plan.describe()}\n")
     try:
         text = generate_text(config, variables, mesh)
     except GenerateError as e:
@@ -266,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_step_args(p)
     p.add_argument("--lowered", action="store_true", help="run the default pass pipeline (stage 1)")
     p.add_argument("--pass-pipeline", default=None, help="with --lowered: a pipeline instead of the default")
+    p.add_argument("--buckets", type=int, nargs="?", const=1 << 16, default=None, metavar="THRESHOLD",
+                   help="the step over flat buckets: replicated variables of fewer than THRESHOLD elements "
+                        "(default 65536) packed per (dtype, weight decay) group (sgdgen.frontend.buckets)")
     p.set_defaults(func=cmd_emit)
     p = sub.add_parser("compile", help="write an artifact directory (step.mlir, step.mlirbc, manifest, executable)")
     _add_step_args(p)
