@@ -185,3 +185,18 @@ def test_flat_inputs_to_the_wrong_step_are_refused():
     bad = dict(params, a=jnp.ones((4,)))
     with pytest.raises(StepInputError, match="'a'"):
         bucketed.flatten(bad)
+
+
+def test_readme_flat_example_runs_as_written():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    m = re.search(r"<!-- jax-flat-example -->\s*```python\n(.*?)```", text, re.S)
+    assert m, "README.md has no python block after <!-- jax-flat-example -->"
+    scope: dict = {}
+    exec(compile(m.group(1), "README.md:jax-flat-example", "exec"), scope)
+    step, state, flat = scope["step"], scope["state"], scope["flat"]
+    assert len(flat.buffers) == 1 and int(state.iterations) == 3
+    assert set(scope["params"]) == {"layer0", "layer1", "layer2"}
+    assert float(scope["loss"]) > 0
