@@ -89,9 +89,12 @@ def _step_inputs(args: argparse.Namespace) -> tuple[Any, Any, list[Any]]:
 def cmd_emit(args: argparse.Namespace) -> int:
     from sgdgen.codegen.generate import GenerateError, generate_text
 
+    from sgdgen.codegen.abi import unreduced_for
+
     config, mesh, variables = _step_inputs(args)
+    axes = [a for a in args.unreduced_gradients.split(",") if a]
     try:
-        text = generate_text(config, variables, mesh)
+        text = generate_text(config, variables, mesh, unreduced_for(variables, axes) if axes else ())
     except GenerateError as e:
         raise UsageError(str(e)) from e
     if args.lowered:
@@ -266,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_step_args(p)
     p.add_argument("--lowered", action="store_true", help="run the default pass pipeline (stage 1)")
     p.add_argument("--pass-pipeline", default=None, help="with --lowered: a pipeline instead of the default")
+    p.add_argument("--unreduced-gradients", default="", metavar="AXES",
+                   help="comma-separated mesh axes over which the gradients of variables replicated on them "
+                        'arrive unreduced (partial sums, e.g. "batch"); the step sums them')
     p.set_defaults(func=cmd_emit)
     p = sub.add_parser("compile", help="write an artifact directory (step.mlir, step.mlirbc, manifest, executable)")
     _add_step_args(p)
