@@ -17,6 +17,9 @@ NORM_PARTIAL = "sgdgen.norm_partial"
 NONFINITE = "sgdgen.nonfinite"
 #: On the one op (set by sgd-fuse-step) whose value joins every norm partial of the step.
 NORMS = "sgdgen.norms"
+#: On an all_reduce of gradients that arrived unreduced (set by sgd-insert-collectives): the mesh
+#: axes it sums over, an array of strings (sgd-shard-weight-update turns it into reduce_scatters).
+UNREDUCED_AXES = "sgdgen.unreduced_axes"
 #: On @main: its first N arguments are state, updated into results 0..N-1.
 STATE_COUNT = "sgdgen.state_count"
 #: On the module: the sgdgen version that generated it.

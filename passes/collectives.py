@@ -6,8 +6,8 @@ groups of a collective "over" some axes are the sets of devices that differ only
 coordinates on those axes. Every collective gets its own channel handle (numbered from 1
 per builder, DEVICE_TO_DEVICE) and `use_global_device_ids`, as Shardy's own lowering emits.
 
-Used by `sgd-insert-collectives` (one all_reduce of the step's norms, the coordinate masks
-of replicated partials) and `sgd-shard-weight-update` (device coordinates, `all_gather` of the
+Used by `sgd-insert-collectives` (one all_reduce of the step's norms, one of each gradient that
+arrives unreduced, the coordinate masks of replicated partials) and `sgd-shard-weight-update` (device coordinates, `all_gather` of the
 updated weights; `reduce_scatter_sum` for gradients that arrive unreduced).
 """
 

@@ -1,4 +1,4 @@
-"""`sgd-insert-collectives`: global view -> one per-device program with exact norms.
+"""`sgd-insert-collectives`: global view -> one per-device program with exact norms and gradients.
 
 Wraps the fused body of @main in `sdy.manual_computation` over every mesh axis, so
 the body runs once per device on local shards (every tensor takes the local shape of
@@ -11,7 +11,11 @@ its layout), and makes the step's norms exact with ONE `stablehlo.all_reduce`:
   replica count;
 - the one value that joins all partials (`sgdgen.norms`, from sgd-fuse-step: a scalar
   for global_clipnorm, a vector for clipnorm) is summed over all devices by a single
-  all_reduce.
+  all_reduce;
+- gradient arguments that arrive unreduced over some axes (`unreduced={"batch"}` in their
+  `#sdy.sharding`, as `jax.grad` of a `reduced` parameter gives: each device holds a partial
+  sum) are summed over those axes first, one all_reduce each (XLA combines them); the manual
+  computation's in_shardings keep the unreduced axes.
 
 Three jobs, one module each: layout analysis and every check (`sgdgen.passes.layouts`,
 before anything changes), type localization (`sgdgen.passes.localize`), and the collectives
@@ -43,6 +47,7 @@ from jaxlib.mlir import ir
 from jaxlib.mlir.dialects import stablehlo
 
 from sgdgen.passes import register
+from sgdgen.passes.attrs import UNREDUCED_AXES
 from sgdgen.passes.collectives import Collectives
 from sgdgen.passes.common import guarded, module_of
 from sgdgen.passes.layouts import Analysis, analyze, rank
@@ -69,11 +74,30 @@ def _source_tensor(partial: ir.Operation) -> ir.Value | None:
     return search(partial.results[0])
 
 
-def insert_norm_collectives(a: Analysis, inner: ir.Block) -> None:
-    """Masks each partial duplicated over replicated axes, then ONE all_reduce of the joined norms."""
+def reduce_unreduced_gradients(a: Analysis, inner: ir.Block, c: Collectives) -> None:
+    """Sums each gradient that arrives unreduced (a partial sum) over its unreduced axes, first
+    thing in the body (before any norm partial reads it), by an all_reduce tagged
+    `sgdgen.unreduced_axes`. One all_reduce per gradient: a variadic all_reduce inside the
+    manual computation fails XLA's sharding validation ("Sharding is tuple-shaped but validation
+    shape is not", jax 0.10.2), and XLA's all-reduce combiner merges them in the compiled program."""
+    with ir.InsertionPoint.at_block_begin(inner), a.main.location:
+        for k, axes in enumerate(a.in_unreduced):
+            live = [ax for ax, size in a.mesh.axes if ax in axes and size > 1]  # size 1: already the sum
+            if not live:
+                continue
+            arg = inner.arguments[k]
+            total = c.all_reduce_sum(arg, live)
+            op = total.owner.operation
+            op.attributes[UNREDUCED_AXES] = ir.ArrayAttr.get([ir.StringAttr.get(ax) for ax in live])
+            arg.replace_all_uses_except(total, op)
+
+
+def insert_norm_collectives(a: Analysis, inner: ir.Block, c: Collectives | None = None) -> None:
+    """Masks each partial duplicated over replicated axes, then ONE all_reduce of the joined norms
+    (`c`: the builder, shared so that channel handles stay unique)."""
     if not a.partials:
         return
-    c = Collectives(a.mesh.axes)
+    c = c if c is not None else Collectives(a.mesh.axes)
     with ir.InsertionPoint.at_block_begin(inner), a.main.location:
         pid = stablehlo.partition_id()
     masked_of: dict[ir.Operation, ir.Value] = {}
@@ -106,7 +130,9 @@ def _partition(op: Any) -> None:
         return
     inner = wrap_in_manual_computation(a)
     localize_values(a)
-    insert_norm_collectives(a, inner)
+    c = Collectives(a.mesh.axes)
+    reduce_unreduced_gradients(a, inner, c)
+    insert_norm_collectives(a, inner, c)
 
 
 run = register(NAME, "Partition @main into a per-device sdy.manual_computation; reduce all norms with one "

@@ -8,6 +8,10 @@ on, before anything is changed: two shardings meeting in one op, an op that cann
 partitioned, a reduction of a sharded value that is not a norm partial, a result laid out
 differently from the value returned, a dimension not divisible by its axes, norm partials
 not joined into one `sgdgen.norms` value.
+
+Unreduced axes (`#sdy.sharding<..., unreduced={"batch"}>`: each device holds a partial sum)
+are accepted on gradient arguments only (after `sgdgen.state_count`, rank >= 1), and only over
+axes the gradient's variable is replicated on; `sgd-insert-collectives` sums them.
 """
 
 from __future__ import annotations
@@ -18,8 +22,8 @@ from dataclasses import dataclass
 from jaxlib.mlir import ir
 from jaxlib.mlir.dialects import sdy
 
-from sgdgen.passes.attrs import NORM_PARTIAL, NORMS, SHARDING
-from sgdgen.passes.common import PassError, arg_attrs, body_ops, find_main, symbol_name, top_ops
+from sgdgen.passes.attrs import NORM_PARTIAL, NORMS, SHARDING, STATE_COUNT
+from sgdgen.passes.common import PassError, arg_attrs, body_ops, find_main, int_attr, symbol_name, top_ops
 
 ELEMENTWISE = {
     f"stablehlo.{n}" for n in (
@@ -89,14 +93,21 @@ def mesh_info(module: ir.Operation) -> MeshInfo:
     return MeshInfo(symbol_name(meshes[0]) or "", axes)
 
 
-def _layout(attr: ir.Attribute, what: str, where: ir.Operation, mesh: MeshInfo) -> Layout:
+def unreduced_axes(attr: ir.Attribute) -> tuple[str, ...]:
+    """The axes a `#sdy.sharding` declares unreduced (its value is a partial sum over them)."""
+    return tuple(sdy.AxisRefAttr(a).name for a in sdy.TensorShardingAttr(attr).unreduced_axes)
+
+
+def _layout(attr: ir.Attribute, what: str, where: ir.Operation, mesh: MeshInfo, *,
+            allow_unreduced: bool = False) -> Layout:
     sharding = sdy.TensorShardingAttr(attr)
     ref = sharding.mesh_or_ref
     if not isinstance(ref, ir.FlatSymbolRefAttr) or ref.value != mesh.name:
         raise PassError(f"{what} is sharded on {ref}, not on the module's mesh @{mesh.name}; refer to it by name",
                         where)
-    if list(sharding.unreduced_axes):
-        raise PassError(f"{what} has unreduced axes; the step takes reduced (ordinary) tensors", where)
+    if not allow_unreduced and unreduced_axes(attr):
+        raise PassError(f"{what} has unreduced axes {list(unreduced_axes(attr))}; only gradient arguments may "
+                        "arrive unreduced (a partial sum per device): give it a reduced sharding", where)
     sizes = mesh.sizes
     dims = []
     for d in sharding.dimension_shardings:
@@ -141,7 +152,8 @@ def _propagate(ops: list[ir.Operation]) -> _Classes:
             tensors = [v for v in [*op.operands, *op.results] if rank(v) > 0]
             for v in tensors[1:]:
                 classes.union(tensors[0], v)
-        elif name == "stablehlo.optimization_barrier":
+        elif name in ("stablehlo.optimization_barrier", "stablehlo.all_reduce"):
+            # an all_reduce of tensors (gradients summed over their unreduced axes) keeps their layout
             for a, r in zip(op.operands, op.results):
                 if rank(a) > 0:
                     classes.union(a, r)
@@ -196,6 +208,8 @@ class Analysis:
     in_shardings: list[ir.Attribute]
     out_shardings: list[ir.Attribute]
     in_layouts: list[Layout]
+    #: per argument, the axes it arrives unreduced over (only gradients have any)
+    in_unreduced: list[tuple[str, ...]]
     classes: _Classes
     class_layout: dict[ir.Value, Layout]
     partials: list[ir.Operation]
@@ -228,7 +242,13 @@ def analyze(module: ir.Operation) -> Analysis:
 
     in_sh = [sharding(k, False) for k in range(len(ftype.inputs))]
     out_sh = [sharding(k, True) for k in range(len(ftype.results))]
-    in_layouts = [_layout(a, f"argument {k}", main, mesh) for k, a in enumerate(in_sh)]
+    state_count = int_attr(main, STATE_COUNT)
+
+    def is_gradient(k: int) -> bool:  # by the calling convention: after the state, not a scalar
+        return state_count is not None and k >= state_count and ir.RankedTensorType(ftype.inputs[k]).rank > 0
+
+    in_layouts = [_layout(a, f"argument {k}", main, mesh, allow_unreduced=is_gradient(k)) for k, a in enumerate(in_sh)]
+    in_unreduced = [unreduced_axes(a) for a in in_sh]
     out_layouts = [_layout(a, f"result {k}", main, mesh) for k, a in enumerate(out_sh)]
 
     classes = _propagate(ops)
@@ -239,13 +259,19 @@ def analyze(module: ir.Operation) -> Analysis:
             continue
         root = classes.find(arg)
         if root in class_layout and class_layout[root] != in_layouts[k]:
+            clash = [ax for ax in in_unreduced[k] if any(ax in d for d in class_layout[root])]
+            if clash:
+                raise PassError(f"argument {k} (a gradient) arrives unreduced over {clash}, but argument "
+                                f"{first_arg[root]} (its variable) is sharded on {'it' if len(clash) == 1 else 'them'}"
+                                f" ({list(class_layout[root])}): a gradient is a partial sum only over axes its "
+                                "variable is replicated on; reduce-scatter it to the variable's layout first", main)
             raise PassError(f"arguments {first_arg[root]} and {k} are combined elementwise but sharded differently "
                             f"({list(class_layout[root])} vs {list(in_layouts[k])}); the step does not reshard", main)
         class_layout.setdefault(root, in_layouts[k])
         first_arg.setdefault(root, k)
     partials = [o for o in ops[:-1] if NORM_PARTIAL in o.attributes]
     norms = [o for o in ops[:-1] if NORMS in o.attributes]
-    a = Analysis(main, ops, mesh, in_sh, out_sh, in_layouts, classes, class_layout, partials, norms)
+    a = Analysis(main, ops, mesh, in_sh, out_sh, in_layouts, in_unreduced, classes, class_layout, partials, norms)
 
     # Only values in a class with a sharded layout constrain the ops that touch them.
     sharded = {root for root, layout in class_layout.items() if any(layout)}

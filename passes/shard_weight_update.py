@@ -6,8 +6,13 @@ replicated over `axis` (size N > 1), by the one rule of `sgdgen.frontend.zero`:
 - its optimizer slots (momentum, EMA average) become 1/N shards over `axis` (on the first
   dimension whose per-device size divides by N, else dimension 0 padded with zeros): @main's
   argument and result types and shardings, and the manual computation's, change with them;
-- the variable and its (reduced, replicated) gradient are zero-padded where needed and cut to
+- the variable and its reduced (replicated) gradient are zero-padded where needed and cut to
   this device's 1/N by a `stablehlo.dynamic_slice` at an offset derived from `partition_id`;
+- a gradient that arrived unreduced over `axis` (an operand of the all_reduce that
+  `sgd-insert-collectives` tagged `sgdgen.unreduced_axes`) is taken out of that all_reduce and
+  summed by ONE `stablehlo.reduce_scatter` over `axis` on the plan's dimension instead (padded
+  first where needed; any other unreduced axes still summed, by an all_reduce of the 1/N slice):
+  the sum and the cut in one collective, with the volume of the all_reduce it replaces;
 - the update chain runs on the 1/N slice (every value of the variable's elementwise class
   takes the slot's local type; splat constants are rebuilt);
 - the new variable is put back together with one `stablehlo.all_gather` over `axis` (and
@@ -36,7 +41,7 @@ from jaxlib.mlir.dialects import sdy, stablehlo
 
 from sgdgen.frontend.zero import ShardPlan, shard_plan
 from sgdgen.passes import register
-from sgdgen.passes.attrs import NORM_PARTIAL, SHARDING, STATE_COUNT
+from sgdgen.passes.attrs import NORM_PARTIAL, SHARDING, STATE_COUNT, UNREDUCED_AXES
 from sgdgen.passes.collectives import Collectives
 from sgdgen.passes.common import PassError, arg_attrs, body_block, body_ops, find_main, guarded, int_attr, module_of
 from sgdgen.passes.insert_collectives import _source_tensor
@@ -79,16 +84,54 @@ class _Group:
         self.var, self.slots, self.grads, self.plan = var, slots, grads, plan
 
 
+def _pad_local(x: ir.Value, plan: ShardPlan) -> ir.Value:
+    """`x` (a per-device value of the variable's local shape) zero-padded to `plan.padded_local`."""
+    if not plan.padded:
+        return x
+    t = ir.RankedTensorType(x.type)
+    zero = stablehlo.constant(ir.DenseElementsAttr.get_splat(
+        ir.RankedTensorType.get([], t.element_type), ir.FloatAttr.get(t.element_type, 0.0)))
+    high = [p - s for p, s in zip(plan.padded_local, plan.local)]
+    return stablehlo.pad(x, zero, [0] * t.rank, high, [0] * t.rank)
+
+
 def _slice_local(x: ir.Value, plan: ShardPlan, offset: ir.Value) -> ir.Value:
     """This device's 1/N of `x` (a per-device value of the variable's local shape)."""
-    t = ir.RankedTensorType(x.type)
-    if plan.padded:
-        zero = stablehlo.constant(ir.DenseElementsAttr.get_splat(
-            ir.RankedTensorType.get([], t.element_type), ir.FloatAttr.get(t.element_type, 0.0)))
-        high = [p - s for p, s in zip(plan.padded_local, plan.local)]
-        x = stablehlo.pad(x, zero, [0] * t.rank, high, [0] * t.rank)
-    starts = [offset if i == plan.dim else _i32(0) for i in range(t.rank)]
+    x = _pad_local(x, plan)
+    starts = [offset if i == plan.dim else _i32(0) for i in range(ir.RankedTensorType(x.type).rank)]
     return stablehlo.dynamic_slice(x, starts, list(plan.slot_local))
+
+
+def _gradient_sums(inner: ir.Block) -> list[ir.Operation]:
+    """The all_reduces of unreduced gradients that sgd-insert-collectives inserted."""
+    return [o.operation for o in inner.operations if UNREDUCED_AXES in o.operation.attributes]
+
+
+def _axes_of(op: ir.Operation) -> list[str]:
+    return [ir.StringAttr(a).value for a in ir.ArrayAttr(op.attributes[UNREDUCED_AXES])]
+
+
+def _scattered(inner: ir.Block, axis: str) -> dict[int, ir.Operation]:
+    """Gradient argument index -> the all_reduce (of sgd-insert-collectives) summing it over `axis`."""
+    found = {}
+    for op in _gradient_sums(inner):
+        v = op.operands[0]
+        if axis in _axes_of(op) and isinstance(v.owner, ir.Block):
+            found[ir.BlockArgument(v).arg_number] = op
+    return found
+
+
+def _reduce_scatter(op: ir.Operation, plan: ShardPlan, c: Collectives, axis: str) -> None:
+    """Replaces the gradient all_reduce `op` by ONE reduce_scatter over `axis` of its (padded)
+    operand on `plan.dim` (then an all_reduce of the 1/N slice over its other axes, if any)."""
+    rest = [a for a in _axes_of(op) if a != axis]
+    with ir.InsertionPoint(op), op.location:
+        part = c.reduce_scatter_sum(_pad_local(op.operands[0], plan), plan.dim, axis)
+        if rest:
+            part = c.all_reduce_sum(part, rest)
+            part.owner.operation.attributes[UNREDUCED_AXES] = ir.ArrayAttr.get([ir.StringAttr.get(a) for a in rest])
+    op.results[0].replace_all_uses_with(part)
+    op.erase()
 
 
 def _shard(op: Any, axis: str | None) -> None:
@@ -114,7 +157,7 @@ def _shard(op: Any, axis: str | None) -> None:
     ftype = ir.FunctionType(ir.TypeAttr(main.attributes["function_type"]).value)
     in_sh = [arg_attrs(main, k)[SHARDING] for k in range(len(ftype.inputs))]
     out_sh = [arg_attrs(main, k, True)[SHARDING] for k in range(len(ftype.results))]
-    layouts = [_layout(s, f"argument {k}", main, mesh) for k, s in enumerate(in_sh)]
+    layouts = [_layout(s, f"argument {k}", main, mesh, allow_unreduced=k >= state_count) for k, s in enumerate(in_sh)]
 
     classes = _propagate(ops[:-1])
     members: dict[ir.Value, list[int]] = {}
@@ -143,6 +186,8 @@ def _shard(op: Any, axis: str | None) -> None:
                         main)
 
     c = Collectives(mesh.axes, first_channel=_next_channel(inner))
+    sums_of = _scattered(inner, axis)  # gradients that arrive unreduced over `axis`: reduce-scattered
+    scattered: dict[int, ShardPlan] = {k: g.plan for g in groups.values() for k in g.grads if k in sums_of}
     with ir.InsertionPoint.at_block_begin(inner), main.location:
         pid = stablehlo.partition_id()
         coord = stablehlo.convert(ir.RankedTensorType.get([], ir.IntegerType.get_signless(32)),
@@ -165,7 +210,7 @@ def _shard(op: Any, axis: str | None) -> None:
         values = values_of[root]
         with ir.InsertionPoint.after(coord.owner), main.location:
             offset = stablehlo.multiply(coord, _i32(slot_local[plan.dim]))
-            for k in [g.var, *g.grads]:
+            for k in [g.var, *(k for k in g.grads if k not in scattered)]:
                 arg = inner.arguments[k]
                 part = _slice_local(arg, plan, offset)
                 first = part.owner.operands[0].owner if plan.padded else part.owner  # the pad, else the slice
@@ -199,6 +244,8 @@ def _shard(op: Any, axis: str | None) -> None:
         for p in partials_of[root]:
             _unmask(p, c, pid, [a for a, s in mesh.axes if s > 1 and a != axis and
                                  not any(a in d for d in layouts[g.var])])
+    for k, plan in scattered.items():
+        _reduce_scatter(sums_of[k], plan, c, axis)
     mc.attributes["in_shardings"] = sdy.TensorShardingPerValueAttr.get(in_sh)
     mc.attributes["out_shardings"] = sdy.TensorShardingPerValueAttr.get(out_sh)
     main.attributes["function_type"] = ir.TypeAttr.get(ir.FunctionType.get(new_in, new_out))

@@ -72,14 +72,35 @@ class Slot:
     #: for a slot whose layout differs from its variable's (weight-update sharding): how it is
     #: divided and padded (`sgdgen.frontend.zero`); None where it is laid out like the variable
     plan: ShardPlan | None = None
+    #: for a gradient: the mesh axes over which it arrives unreduced (a partial sum per device,
+    #: as `jax.grad` of a `reduced` parameter gives); () for an ordinary (reduced) tensor
+    unreduced: tuple[str, ...] = ()
 
     @property
     def mlir_type(self) -> str:
         return tensor_type(self.shape, mlir_element_type(self.dtype))
 
+    def sdy_text(self) -> str:
+        """The slot's `#sdy.sharding`, with `unreduced={...}` for an unreduced gradient."""
+        text = self.layout.sdy_text()
+        if not self.unreduced:
+            return text
+        return text[:-1] + ", unreduced={" + ", ".join(f'"{a}"' for a in self.unreduced) + "}>"
+
     def to_json(self) -> dict[str, Any]:
-        return {"role": self.role, "var": self.var, "name": self.name, "shape": list(self.shape),
-                "dtype": self.dtype, "layout": self.layout.sharding_specs}
+        out = {"role": self.role, "var": self.var, "name": self.name, "shape": list(self.shape),
+               "dtype": self.dtype, "layout": self.layout.sharding_specs}
+        if self.unreduced:
+            out["unreduced"] = list(self.unreduced)
+        return out
+
+
+def unreduced_for(variables: Sequence[VarSpec], axes: Sequence[str]) -> tuple[tuple[str, ...], ...]:
+    """Per variable, the axes of `axes` its gradient arrives unreduced over: those the variable
+    is replicated over (a gradient of a variable sharded on an axis is never a partial sum over it).
+    `unreduced_for(specs, ("batch",))` is the `unreduced_gradients` of a data-parallel step
+    whose gradients come from `jax.grad` unreduced over "batch"."""
+    return tuple(tuple(a for a in axes if a not in v.layout.used_axes) for v in variables)
 
 
 @dataclass(frozen=True)
@@ -90,23 +111,27 @@ class StepABI:
     outputs: tuple[Slot, ...]
 
     @classmethod
-    def for_config(cls, variables: Sequence[VarSpec], mesh: Mesh, config: Any, *, stage0: bool = False) -> StepABI:
+    def for_config(cls, variables: Sequence[VarSpec], mesh: Mesh, config: Any, *, stage0: bool = False,
+                   unreduced_gradients: Sequence[Sequence[str]] = ()) -> StepABI:
         """The calling convention of the step of `config` (an SGDConfig) over `variables`:
         EMA averages when `use_ema`, a learning-rate argument unless it is a schedule, the
         counters its options keep. `stage0`: the generator's global view, where every slot has
-        its variable's shape and layout (`sgd-shard-weight-update` divides them later)."""
+        its variable's shape and layout (`sgd-shard-weight-update` divides them later).
+        `unreduced_gradients`: see `create`."""
         return cls.create(variables, mesh, use_ema=config.use_ema, lr_input=not config.lr_is_schedule,
-                          optimizer_name=config.name,
+                          optimizer_name=config.name, unreduced_gradients=unreduced_gradients,
                           shard_update_over=None if stage0 else getattr(config, "shard_update_over", None),
                           counters=tuple(r for r, flag in EXTRA_COUNTERS.items() if getattr(config, flag, False)))
 
     @classmethod
     def create(cls, variables: Sequence[VarSpec], mesh: Mesh, *, use_ema: bool, lr_input: bool,
                optimizer_name: str = "SGD", shard_update_over: str | None = None,
-               counters: Sequence[str] = ()) -> StepABI:
+               counters: Sequence[str] = (), unreduced_gradients: Sequence[Sequence[str]] = ()) -> StepABI:
         """The convention. `shard_update_over`: a mesh axis over which the slots of variables
         replicated over it are sharded (`sgdgen.frontend.zero`; they get their own, possibly
-        padded, shape and layout). `counters`: the roles of EXTRA_COUNTERS this step keeps."""
+        padded, shape and layout). `counters`: the roles of EXTRA_COUNTERS this step keeps.
+        `unreduced_gradients`: per variable, the mesh axes its gradient arrives unreduced over
+        (() for all reduced; see `unreduced_for`); `sgd-insert-collectives` sums them."""
         unknown = sorted(set(counters) - set(EXTRA_COUNTERS))
         if unknown:
             raise ValueError(f"unknown state counters {unknown}; known: {sorted(EXTRA_COUNTERS)}")
@@ -129,8 +154,17 @@ class StepABI:
             state += [slot("average", i, v) for i, v in enumerate(variables)]
         state += [Slot(role, None, role, (), "int64", scalar) for role in EXTRA_COUNTERS if role in counters]
         inputs = list(state)
-        inputs += [Slot("gradient", i, f"gradient/{v.name}", v.shape, v.dtype, v.layout)
-                   for i, v in enumerate(variables)]
+        unreduced = tuple(tuple(u) for u in unreduced_gradients) or ((),) * len(variables)
+        if len(unreduced) != len(variables):
+            raise ValueError(f"unreduced_gradients gives {len(unreduced)} entries for {len(variables)} variables")
+        for v, u in zip(variables, unreduced):
+            bad = [a for a in u if a not in mesh.shape or a in v.layout.used_axes]
+            if bad:
+                raise ConfigError(f"the gradient of {v.name!r} cannot arrive unreduced over {bad}: only over mesh "
+                                  f"axes its variable is replicated on (it is laid out {v.layout.sharding_specs} on "
+                                  f"{mesh}); reduce it over those axes first")
+        inputs += [Slot("gradient", i, f"gradient/{v.name}", v.shape, v.dtype, v.layout, unreduced=u)
+                   for (i, v), u in zip(enumerate(variables), unreduced)]
         if lr_input:
             inputs.append(Slot("learning_rate", None, "learning_rate", (), "float32", scalar))
         return cls(tuple(inputs), tuple(state))
@@ -143,6 +177,12 @@ class StepABI:
     def slot(self, role: str, var: int) -> Slot:
         """The state slot (argument) of `role` ("momentum" / "average") for variable `var`."""
         return self.inputs[self.index(role, var)]
+
+    @cached_property
+    def unreduced_gradients(self) -> tuple[tuple[str, ...], ...]:
+        """Per variable, the axes its gradient arrives unreduced over; () when every gradient is reduced."""
+        found = tuple(s.unreduced for s in self.inputs if s.role == "gradient")
+        return found if any(found) else ()
 
     @cached_property
     def num_variables(self) -> int:

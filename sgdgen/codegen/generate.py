@@ -22,6 +22,7 @@ from sgdgen._version import __version__
 from sgdgen.codegen.abi import StepABI
 from sgdgen.codegen.rules import RULES, WIDE, Step
 from sgdgen.codegen.schedule_params import render_schedule
+from sgdgen.errors import ConfigError
 from sgdgen.codegen.templating import GenerateError, hex_literal, render, template_names
 from sgdgen.frontend.spec import Mesh, VarSpec
 from sgdgen.passes import attrs
@@ -57,7 +58,7 @@ def _signature(s: Step) -> dict[str, str]:
     """@main's arguments, results and return line, in ABI order, each with its sharding."""
 
     def sharded(slot: Any) -> str:
-        return f"{{{attrs.SHARDING} = {slot.layout.sdy_text()}}}"
+        return f"{{{attrs.SHARDING} = {slot.sdy_text()}}}"
 
     ret_vals = ", ".join(s.results[(slot.role, slot.var)] for slot in s.abi.outputs)
     ret_types = ", ".join(slot.mlir_type for slot in s.abi.outputs)
@@ -68,11 +69,17 @@ def _signature(s: Step) -> dict[str, str]:
     }
 
 
-def generate_text(config: Any, variables: Sequence[VarSpec], mesh: Mesh | None = None) -> str:
-    """The stage-0 module as text. See `generate` for the parsed, verified module."""
+def generate_text(config: Any, variables: Sequence[VarSpec], mesh: Mesh | None = None,
+                  unreduced_gradients: Sequence[Sequence[str]] = ()) -> str:
+    """The stage-0 module as text. See `generate` for the parsed, verified module.
+    `unreduced_gradients`: per variable, the axes its gradient arrives unreduced over
+    (`StepABI.create`); they appear in the gradient arguments' `#sdy.sharding`."""
     mesh = mesh if mesh is not None else (variables[0].layout.mesh if variables else Mesh(()))
     _check(config, variables, mesh)
-    abi = StepABI.for_config(variables, mesh, config, stage0=True)
+    try:
+        abi = StepABI.for_config(variables, mesh, config, stage0=True, unreduced_gradients=unreduced_gradients)
+    except (ValueError, ConfigError) as e:
+        raise GenerateError(str(e)) from e
     step = Step(config, variables, abi)
     for rule in RULES:
         rule(step)

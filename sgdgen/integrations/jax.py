@@ -16,10 +16,21 @@ through the `sgdgen_step` primitive (sgdgen.runtime.primitive): forward, backwar
 update compile into one XLA program. Argument order is `StepABI.pack` / `unpack`; in-place
 update is the caller's `donate_argnums`, and `check_in_place` reads the compiled program
 to say which optimizer buffers it would copy instead.
+
+Gradients typed unreduced (explicit-sharding mode: `jax.grad` taken at a parameter resharded
+`reduced={"batch"}` gives `float32[8,16@model]{U:batch}`) are taken as they are, by a variant
+of the program that declares them unreduced (`StepProgram.unreduced_gradients`): the step sums
+them itself, with one all_reduce of all of them, or, where it shards its update over that axis
+(`shard_update_over`), with one reduce_scatter per variable and no all_reduce, the ZeRO step
+Xu et al. 2020 describe. The variant is used with or without weight-update sharding: reducing
+them before the call would cost the same all_reduce per leaf, and only the step can turn it
+into a reduce_scatter.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -163,6 +174,27 @@ class JaxStep:
                                  "pass a pytree shaped like the params_like given to jax_step")
         return leaves
 
+    def program_for(self, grad_leaves: Sequence[Any]) -> StepProgram:
+        """The program for gradients like `grad_leaves`: `program`, or, where some are typed
+        unreduced over mesh axes (explicit-sharding mode), its variant that takes them so
+        (cached: one StepProgram, so one lowering, per combination)."""
+        import jax
+
+        unreduced = []
+        for spec, leaf in zip(self.program.variables, grad_leaves):
+            sharding = getattr(jax.typeof(leaf), "sharding", None)
+            axes = set(getattr(getattr(sharding, "spec", None), "unreduced", None) or ())
+            order = [a for a in self.program.mesh.axis_names if a in axes]
+            bad = sorted(axes - set(order)) + [a for a in order if a in spec.layout.used_axes]
+            if bad:
+                raise StepInputError(
+                    f"gradient {spec.name!r} is unreduced over {bad}, which the step cannot take: its parameter is "
+                    f"laid out {spec.layout.sharding_specs} on {self.program.mesh}, and a gradient may arrive "
+                    "unreduced only over mesh axes its parameter is replicated on; reduce it first, e.g. "
+                    f"jax.sharding.reshard(g, {spec.layout.partition_spec()})")
+            unreduced.append(tuple(order))
+        return _variant(self.program, tuple(unreduced)) if any(unreduced) else self.program
+
     def _buffers(self, tree: Any, what: str) -> tuple[list[Any], bool]:
         """The program's per-buffer values of params or grads, and whether they came flat."""
         import jax.numpy as jnp
@@ -283,13 +315,21 @@ class JaxStep:
             raise StepInputError(f"state must be the StepState of step.init(params), got {type(state).__name__}")
         param_buffers, flat = self._buffers(params, "params")
         grad_buffers, _ = self._buffers(grads, "grads")
-        args = self.abi.pack(state, param_buffers, grad_buffers, lr)
-        new_params, new_state = self.abi.unpack(primitive.apply(self.program, args))
+        program = self.program_for(grad_buffers)
+        args = program.abi.pack(state, param_buffers, grad_buffers, lr)
+        new_params, new_state = program.abi.unpack(primitive.apply(program, args))
         if flat:
             return FlatParams(tuple(new_params)), new_state
         if self.plan is not None:
             new_params = self._unpack(new_params)
         return jax.tree_util.tree_unflatten(self.treedef, new_params), new_state
+
+
+@functools.lru_cache(maxsize=64)
+def _variant(program: StepProgram, unreduced: tuple[tuple[str, ...], ...]) -> StepProgram:
+    """`program` taking gradients unreduced over `unreduced` (per variable); one object per key,
+    so its abi and lowered text are built once."""
+    return dataclasses.replace(program, unreduced_gradients=unreduced)
 
 
 def jax_step(config: Any = None, params_like: Any = None, *, mesh: Any = None, layouts: Any = None,

@@ -14,6 +14,9 @@ Boundaries:
 - Inputs laid out otherwise than the step's layouts are resharded to them (a sharding
   constraint before the call), as `jax.export` does for its modules: inside a user's jit the
   layout is a compile-time fact, and a reshard is what jit does for any such mismatch.
+- A gradient the program declares unreduced (`Slot.unreduced`) is taken unreduced: in
+  explicit-sharding mode it is resharded to the slot's layout with those axes still unreduced
+  (a no-op for `jax.grad`'s own unreduced gradient), never summed before the call.
 - Shardy must be on (`jax_use_shardy_partitioner`): the module speaks `sdy`.
 - In-place update is the caller's `donate_argnums` (a merged function's `tf.aliasing_output`
   is ignored by XLA): `sgdgen.check_in_place` reads the compiled program's alias table.
@@ -115,7 +118,8 @@ def placed(x: Any, slot: Slot) -> Any:
 
     want = slot.layout.named_sharding()
     have = getattr(x, "sharding", None)
-    if not isinstance(x, jax.core.Tracer) and have is not None and have.is_equivalent_to(want, len(slot.shape)):
+    if (not slot.unreduced and not isinstance(x, jax.core.Tracer) and have is not None
+            and have.is_equivalent_to(want, len(slot.shape))):
         return x
     typed = getattr(jax.typeof(x), "sharding", None)
     context = jax.sharding.get_abstract_mesh()
@@ -127,7 +131,15 @@ def placed(x: Any, slot: Slot) -> Any:
                 raise StepInputError(f"{slot.role} {slot.name!r} is typed on mesh {dict(mesh.shape)}, but the step "
                                      f"is built for {slot.layout.mesh.shape}; build the step on the mesh you trace "
                                      "with")
-            return jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, slot.layout.partition_spec()))
+            spec = slot.layout.partition_spec()
+            if slot.unreduced:
+                spec = jax.sharding.PartitionSpec(*spec, unreduced=frozenset(slot.unreduced))
+            return jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, spec))
+    if slot.unreduced:
+        raise StepInputError(f"{slot.role} {slot.name!r}: the step takes it unreduced over {list(slot.unreduced)}, "
+                             "which only JAX's explicit-sharding mode can express; trace under "
+                             "jax.set_mesh(a mesh with AxisType.Explicit axes), or use the program without "
+                             "unreduced_gradients")
     if slot.layout.mesh.size == 1:
         # One device: nothing to place, and a constraint would spread the step's one-device
         # NamedSharding over the caller's whole program (Keras' metrics, its learning rate), so

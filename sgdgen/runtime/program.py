@@ -27,16 +27,20 @@ class StepProgram:
     config: Any
     variables: tuple[VarSpec, ...]
     mesh: Mesh
+    #: per variable, the mesh axes its gradient arrives unreduced over (`StepABI.create`); () when
+    #: all are reduced. Only a caller inside JAX's explicit-sharding mode has such gradients
+    #: (`sgdgen.jax_step`); StepExecutable and SGD always feed reduced arrays.
+    unreduced_gradients: tuple[tuple[str, ...], ...] = ()
 
     def __hash__(self) -> int:  # asked every step by the cache: hash the config and 400 specs once
         h = self.__dict__.get("_hash")
         if h is None:
-            h = self.__dict__["_hash"] = hash((self.config, self.variables, self.mesh))
+            h = self.__dict__["_hash"] = hash((self.config, self.variables, self.mesh, self.unreduced_gradients))
         return h
 
     @cached_property
     def abi(self) -> StepABI:
-        return StepABI.for_config(self.variables, self.mesh, self.config)
+        return StepABI.for_config(self.variables, self.mesh, self.config, unreduced_gradients=self.unreduced_gradients)
 
     @cached_property
     def signature(self) -> StepProgram:
@@ -44,14 +48,14 @@ class StepProgram:
         config = self.config
         if not config.lr_is_schedule and config.learning_rate != 0.0:
             config = dataclasses.replace(config, learning_rate=0.0)
-            return StepProgram(config, self.variables, self.mesh)
+            return dataclasses.replace(self, config=config)
         return self
 
     @cached_property
     def stage0_text(self) -> str:
         from sgdgen.codegen.generate import generate_text
 
-        return generate_text(self.config, self.variables, self.mesh)
+        return generate_text(self.config, self.variables, self.mesh, self.unreduced_gradients)
 
     @cached_property
     def lowered_text(self) -> str:

@@ -87,6 +87,7 @@ def _step_inputs(args: argparse.Namespace) -> tuple[Any, Any, list[Any]]:
 
 
 def cmd_emit(args: argparse.Namespace) -> int:
+    from sgdgen.codegen.abi import unreduced_for
     from sgdgen.codegen.generate import GenerateError, generate_text
 
     config, mesh, variables = _step_inputs(args)
@@ -98,8 +99,9 @@ def cmd_emit(args: argparse.Namespace) -> int:
         plan = buckets.plan(variables, mesh, threshold=args.buckets, per_variable_norms=config.clipnorm is not None)
         variables = list(plan.buckets)
         sys.stderr.write(f"sgdgen emit: {plan.describe()}\n")
+    axes = [a for a in args.unreduced_gradients.split(",") if a]
     try:
-        text = generate_text(config, variables, mesh)
+        text = generate_text(config, variables, mesh, unreduced_for(variables, axes) if axes else ())
     except GenerateError as e:
         raise UsageError(str(e)) from e
     if args.lowered:
@@ -277,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--buckets", type=int, nargs="?", const=1 << 16, default=None, metavar="THRESHOLD",
                    help="the step over flat buckets: replicated variables of fewer than THRESHOLD elements "
                         "(default 65536) packed per (dtype, weight decay) group (sgdgen.frontend.buckets)")
+    p.add_argument("--unreduced-gradients", default="", metavar="AXES",
+                   help="comma-separated mesh axes over which the gradients of variables replicated on them "
+                        'arrive unreduced (partial sums, e.g. "batch"); the step sums them')
     p.set_defaults(func=cmd_emit)
     p = sub.add_parser("compile", help="write an artifact directory (step.mlir, step.mlirbc, manifest, executable)")
     _add_step_args(p)
