@@ -200,3 +200,47 @@ def test_readme_flat_example_runs_as_written():
     assert len(flat.buffers) == 1 and int(state.iterations) == 3
     assert set(scope["params"]) == {"layer0", "layer1", "layer2"}
     assert float(scope["loss"]) > 0
+
+
+def test_a_flat_bucket_takes_unreduced_gradients_with_one_reduce_scatter():
+    """In explicit-sharding mode, jax.grad with respect to the buckets (reduced over batch) gives
+    one unreduced flat gradient per bucket: with ZeRO over batch the step reduce-scatters it
+    (one reduce-scatter for the bucket) and the norm takes the one all-reduce; values equal the
+    unsharded step with reduced gradients."""
+    from jax.sharding import AxisType
+
+    mesh = jax.make_mesh((2, 4), ("batch", "model"), axis_types=(AxisType.Explicit,) * 2)
+    rng = np.random.default_rng(0)
+    params = {f"l{i}": jax.device_put(rng.standard_normal((8, 8)).astype(np.float32) * 0.3, NamedSharding(mesh, P()))
+              for i in range(3)}
+    x = jax.device_put(rng.standard_normal((16, 8)).astype(np.float32), NamedSharding(mesh, P("batch", None)))
+
+    def train(zero):
+        step = sgdgen.jax_step(dict(learning_rate=0.05, momentum=0.9, global_clipnorm=1.0, shard_update_over=zero),
+                               params, buckets=True)
+
+        def loss(flat):
+            h = x
+            for w in step.unflatten(flat).values():
+                h = jnp.tanh(h @ w)
+            return jnp.sum(h ** 2)
+
+        @jax.jit
+        def one(flat, state):
+            at = jax.tree.map(lambda b: jax.sharding.reshard(b, P(None, reduced={"batch"})), flat) if zero else flat
+            return step(flat, jax.grad(loss)(at), state)
+
+        with jax.set_mesh(mesh):
+            flat = step.flatten(params)
+            state = step.init(flat)
+            for _ in range(5):
+                flat, state = one(flat, state)
+            hlo = one.lower(flat, state).compile().as_text()
+        return flat, hlo
+
+    want, _ = train(None)
+    got, hlo = train("batch")
+    assert hlo.count("reduce-scatter(") + hlo.count("reduce-scatter-start(") == 1
+    assert hlo.count("all-reduce(") + hlo.count("all-reduce-start(") == 1  # the global norm's
+    for g, w in zip(got.buffers, want.buffers):
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-6 * float(np.max(np.abs(w))))

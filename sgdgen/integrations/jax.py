@@ -131,6 +131,17 @@ def _concrete(values: Sequence[Any]) -> bool:
         getattr(x, "is_fully_addressable", True) for x in values)
 
 
+def _like(x: Any, layout: Layout) -> Any:
+    """`layout` as a sharding on the mesh `x` is laid out on (keeping that mesh's axis types, which
+    explicit-sharding mode compares), else on the layout's own mesh."""
+    from jax.sharding import NamedSharding
+
+    sharding = getattr(x, "sharding", None)
+    if isinstance(sharding, NamedSharding) and dict(sharding.mesh.shape) == layout.mesh.shape:
+        return NamedSharding(sharding.mesh, layout.partition_spec())
+    return layout.named_sharding()
+
+
 def _host(x: Any) -> np.ndarray:
     """A NumPy view (on CPU) or copy of a concrete array."""
     return np.asarray(x)
@@ -218,7 +229,7 @@ class JaxStep:
         if _concrete(leaves):  # eager: through the host (XLA took 14 s to compile a 6,400-way concatenate)
             plan = self.plan
             packed = plan.pack([x if m.own else _host(x) for x, m in zip(leaves, plan.members)])
-            return [b if plan.members[c[0]].own else backend.device_put(b, spec.layout.named_sharding())
+            return [b if plan.members[c[0]].own else backend.device_put(b, _like(leaves[c[0]], spec.layout))
                     for b, c, spec in zip(packed, plan.contents, plan.buckets)], False
         return self.plan.pack(leaves, jnp), False
 
@@ -230,7 +241,7 @@ class JaxStep:
         if not _concrete(buffers):
             return self.plan.unpack(buffers, jnp)
         hosts = [b if self.plan.members[c[0]].own else _host(b) for b, c in zip(buffers, self.plan.contents)]
-        return [v if m.own else backend.device_put(v, spec.layout.named_sharding())
+        return [v if m.own else backend.device_put(v, _like(buffers[m.bucket], spec.layout))
                 for v, m, spec in zip(self.plan.unpack(hosts), self.plan.members, self.plan.variables)]
 
     def flatten(self, params: Any) -> FlatParams:
