@@ -25,11 +25,13 @@ from typing import Any
 import numpy as np
 
 from sgdgen import backend
-from sgdgen.api.variable import Variable, substituted
+from sgdgen.api.flat import Buckets, assign_all
+from sgdgen.api.variable import FlatBuffer, Variable, substituted
 from sgdgen.codegen.abi import Slot, StepABI, StepState, slot_name
 from sgdgen.dtypes import COUNTER_ELEMENT_TYPES
 from sgdgen.frontend.zero import pad
 from sgdgen.errors import StepInputError, StepTypeError, UnknownVariableError
+from sgdgen.frontend import buckets as bucketing
 from sgdgen.frontend import schedules
 from sgdgen.frontend.config import SGDConfig
 from sgdgen.frontend.schedules import LearningRateSchedule
@@ -138,6 +140,7 @@ class SGD:
         self._equivalent = ShardingMatcher()
         self._signature: tuple[SGDConfig, SGDConfig] | None = None  # (config, its program config), last used
         self._decay: dict[int, bool] = {}  # weight decay per variable, fixed once built
+        self._flat: Buckets | None = None  # with buckets=True, once built: the flat buckets (sgdgen.api.flat)
         self._lock = threading.RLock()  # one step (or state change) at a time per optimizer (issue 16.6)
 
     # ---- configuration -----------------------------------------------------------------
@@ -267,13 +270,16 @@ class SGD:
         self._extra.append(var)
         return var
 
-    def _slot(self, model_variable: Variable, variable_name: str, scope: str | None,
-              shape: Sequence[int] | None = None, initial_value: Any = None, slot: Slot | None = None) -> Variable:
+    @staticmethod
+    def _slot_name(model_variable: Variable, variable_name: str, scope: str | None) -> str:
         role = {"m": "momentum", "average": "average"}.get(variable_name)
         if scope and role:
-            name = slot_name(scope, role, model_variable._shared_name)
-        else:
-            name = f"{scope + '/' if scope else ''}{variable_name}/{model_variable._shared_name}"
+            return slot_name(scope, role, model_variable._shared_name)
+        return f"{scope + '/' if scope else ''}{variable_name}/{model_variable._shared_name}"
+
+    def _slot(self, model_variable: Variable, variable_name: str, scope: str | None,
+              shape: Sequence[int] | None = None, initial_value: Any = None, slot: Slot | None = None) -> Variable:
+        name = self._slot_name(model_variable, variable_name, scope)
         dt = model_variable.dtype
         shape = model_variable.shape if shape is None else tuple(int(n) for n in shape)
         if initial_value is None:
@@ -333,12 +339,32 @@ class SGD:
         self._tracked = var_list
         scope = self._name_scope or self.name  # tf_keras: the scope apply_gradients opens (a direct build: ours)
         # the slots' own layouts (weight-update sharding) come from the calling convention
-        abi = StepABI.for_config(self._specs(var_list, self._decay_flags(var_list)), mesh, self._config)
+        specs = self._specs(var_list, self._decay_flags(var_list))
+        plan = self._bucket_plan(specs, mesh)
+        abi = StepABI.for_config(plan.buckets if plan is not None else specs, mesh, self._config)
+        if plan is not None:
+            self._flat = Buckets.create(plan, abi, var_list)
+        bucket = (lambda i: plan.members[i].bucket) if plan is not None else (lambda i: i)
+
+        def slot(i: int, v: Variable, role: str, **kw: Any) -> Variable:
+            name = {"momentum": "m"}.get(role, role)
+            if self._flat is not None and self._flat.flat(bucket(i)):
+                return self._flat.slot_view(i, role, self._slot_name(v, name, scope))
+            return self._slot(v, name, scope, slot=abi.slot(role, bucket(i)), **kw)
+
         if self._config.use_ema:
-            self._averages = [self._slot(v, "average", scope, initial_value=v, slot=abi.slot("average", i))
-                              for i, v in enumerate(var_list)]
-        self._momenta = [self._slot(v, "m", scope, slot=abi.slot("momentum", i)) for i, v in enumerate(var_list)]
+            self._averages = [slot(i, v, "average", initial_value=v) for i, v in enumerate(var_list)]
+        self._momenta = [slot(i, v, "momentum") for i, v in enumerate(var_list)]
         self._built = True
+
+    def _bucket_plan(self, specs: Sequence[VarSpec], mesh: Mesh) -> bucketing.BucketPlan | None:
+        """With `buckets=True`, the flat buckets of these variables (None otherwise, or when the
+        plan buckets nothing: then the optimizer is exactly the unbucketed one)."""
+        if not self._config.buckets:
+            return None
+        plan = bucketing.plan(specs, mesh, threshold=self._config.bucket_threshold,
+                              per_variable_norms=self._config.clipnorm is not None)
+        return None if plan.trivial else plan
 
     def _common_mesh(self, var_list: Sequence[Variable]) -> Mesh:
         for v in var_list:
@@ -364,9 +390,9 @@ class SGD:
                 raise ValueError(f"set_weights expects {len(current)} arrays (the order of `variables`: "
                                  f"{[v.name for v in current]}), got {len(weights)}")
             hosts = [_weight_value(v, w, counter=v is self._iterations) for v, w in zip(current, weights)]
-            placed = [v._place(h, v.dtype) for v, h in zip(current, hosts)]  # transfers before any write
-            for v, arr in zip(current, placed):
-                v._bind(arr)
+            # transfers before any write; views of a flat bucket are written with one transfer per bucket
+            placed = [h if v._view is not None else v._place(h, v.dtype) for v, h in zip(current, hosts)]
+            assign_all(current, placed)
 
     def get_weights(self) -> list[np.ndarray]:
         return [v.numpy() for v in self.variables]
@@ -379,9 +405,9 @@ class SGD:
         with self._lock:
             var_list = list(var_list)
             averages = [self._averages[self._slot_index(v)] for v in var_list]
-            placed = [v._place(np.array(a.value), v.dtype) for v, a in zip(var_list, averages)]
-            for v, arr in zip(var_list, placed):
-                v._bind(arr)
+            placed = [a.numpy() if v._view is not None else v._place(np.array(a.value), v.dtype)
+                      for v, a in zip(var_list, averages)]
+            assign_all(var_list, placed)
 
     def _slot_index(self, v: Variable) -> int:
         k = self._index.get(getattr(v, "_unique_id", None))
@@ -431,8 +457,17 @@ class SGD:
         if self._built:
             for v in stepped:
                 self._slot_index(v)
-        else:  # the generator's checks run now, before build creates anything (the text is kept for the compile)
-            _ = self._step(stepped, self._config, decay, mesh).program.stage0_text
+            plan = self._flat.plan if self._flat is not None else None
+            build = self._tracked
+        else:
+            build = variables
+            plan = self._bucket_plan(self._specs(variables, self._decay_flags(variables)), mesh)
+        if plan is not None:
+            self._refuse_partial_buckets(plan, build, {v._unique_id for v in stepped})
+        if not self._built:  # the generator's checks run now, before build creates anything (text kept for the compile)
+            step = (self._bucket_step(plan, self._present_buckets(plan, stepped, variables), self._config, mesh)
+                    if plan is not None else self._step(stepped, self._config, decay, mesh))
+            _ = step.program.stage0_text
         self._check_constraints(stepped)
         lr = self._lr_value(self._config)  # a custom schedule is evaluated here: a failure changes nothing
         missing = [v.name for g, v in pairs if g is None]
@@ -444,9 +479,95 @@ class SGD:
             self.build(variables)
         finally:
             self._name_scope = None
-        self._run(stepped, placed, self._config, decay, lr)
+        if self._flat is not None:
+            self._run_buckets(stepped, placed, self._config, lr)
+        else:
+            self._run(stepped, placed, self._config, decay, lr)
         self._apply_constraints(stepped)
         return self._iterations
+
+    @staticmethod
+    def _refuse_partial_buckets(plan: bucketing.BucketPlan, variables: Sequence[Variable], stepped: set[int]) -> None:
+        """A flat bucket is stepped whole: a member without a gradient is an error (raised before any
+        change). `variables`: the plan's, in its order; `stepped`: the ids of those with a gradient."""
+        for k, v in enumerate(variables):
+            if v._unique_id not in stepped and not plan.members[k].own:
+                raise StepInputError(
+                    f"variable {v.name!r} has no gradient, but it shares a flat bucket with other variables "
+                    "(SGD(buckets=True)), which is stepped whole: pass a gradient for it (a zero gradient still "
+                    "applies weight decay, momentum and the EMA to it), or create the optimizer with buckets=False "
+                    "to skip variables without gradients")
+
+    @staticmethod
+    def _present_buckets(plan: bucketing.BucketPlan, stepped: Sequence[Variable],
+                         variables: Sequence[Variable]) -> tuple[int, ...]:
+        """The buckets a step updates: every flat one, and each own buffer whose variable is stepped."""
+        ids = {v._unique_id for v in stepped}
+        return tuple(b for b, ks in enumerate(plan.contents)
+                     if not plan.members[ks[0]].own or variables[ks[0]]._unique_id in ids)
+
+    def _bucket_step(self, plan: bucketing.BucketPlan, present: tuple[int, ...], config: SGDConfig,
+                     mesh: Mesh | None = None) -> Step:
+        """The functional step over these buckets of `plan` (built once per set and config signature)."""
+        if self._signature is None or self._signature[0] is not config:
+            self._signature = (config, _program_config(config))
+        signature = self._signature[1]
+        key = ("buckets", present, signature)
+        step = self._steps.get(key)
+        if step is None:
+            specs = tuple(plan.buckets[b] for b in present)
+            step = self._steps[key] = Step(StepProgram(signature, specs, mesh if mesh is not None else self.mesh))
+        return step
+
+    def _run_buckets(self, variables: Sequence[Variable], grads: Sequence[Any], config: SGDConfig,
+                     lr: np.float32 | None, *, flat_grads: dict[int, Any] | None = None) -> None:
+        """One step over the flat buckets (and the own buffers of `variables`): per-variable `grads`
+        (of `variables`) are packed per flat bucket in one jitted call, or given flat (`flat_grads`,
+        bucket -> array, from `minimize`); results are bound to the buffers, views invalidated."""
+        with self._lock:
+            flat = self._flat
+            plan = flat.plan
+            present = self._present_buckets(plan, variables, self._tracked)
+            step = self._bucket_step(plan, present, config)
+            grad_of = {v._unique_id: g for v, g in zip(variables, grads)}
+            if flat_grads is None:
+                packed_buckets = [b for b in present if flat.flat(b)]
+                packed = flat.pack_gradients(packed_buckets, [[grad_of[self._tracked[k]._unique_id]
+                                                               for k in plan.contents[b]] for b in packed_buckets])
+                flat_grads = dict(zip(packed_buckets, packed))
+            it = self._iterations
+            narrow = it.dtype != np.int64
+            counter = self._counter(it.value, np.int64, it) if narrow else it.value
+            skipped = self._skipped if config.skip_nonfinite else None
+            owners: dict[str, list[Any]] = {r: [] for r in ("variable", "momentum", "average")}
+            g_in = []
+            for b in present:
+                if flat.flat(b):
+                    bufs = flat.buffers[b]
+                    for r in owners:
+                        if r in bufs:
+                            owners[r].append(bufs[r])
+                    g_in.append(flat_grads[b])
+                else:
+                    k = plan.contents[b][0]
+                    owners["variable"].append(self._tracked[k])
+                    owners["momentum"].append(self._momenta[k])
+                    if config.use_ema:
+                        owners["average"].append(self._averages[k])
+                    g_in.append(grad_of[self._tracked[k]._unique_id])
+            value = lambda o: o.array if isinstance(o, FlatBuffer) else o.value  # noqa: E731
+            state = StepState(counter, tuple(map(value, owners["momentum"])), tuple(map(value, owners["average"])),
+                              skipped.value if skipped is not None else None)
+            with uninterruptible():
+                params, new = step.apply(state, [value(o) for o in owners["variable"]], g_in, lr,
+                                         grads_checked=True)
+                counter = self._counter(new.iterations, it.dtype, it) if narrow else new.iterations
+                targets = [it, *owners["variable"], *owners["momentum"], *owners["average"],
+                           *([skipped] if skipped is not None else [])]
+                values = [counter, *params, *new.momenta, *new.averages,
+                          *([new.skipped] if skipped is not None else [])]
+                for owner, v in zip(targets, values, strict=True):
+                    owner.bind(v) if isinstance(owner, FlatBuffer) else owner._bind(v)
 
     def _lr_value(self, config: SGDConfig) -> np.float32 | None:
         """The step's runtime learning rate: the float, a custom schedule's value at the current
@@ -489,9 +610,8 @@ class SGD:
     def _apply_constraints(self, variables: Sequence[Variable]) -> None:
         """tf_keras: `variable.assign(variable.constraint(variable))` after the step, for each
         variable it updated (after the EMA, which saw the unconstrained value)."""
-        for v in variables:
-            if v.constraint is not None:
-                v._bind(self._constraint(v)(v.value))
+        constrained = [v for v in variables if v.constraint is not None]
+        assign_all(constrained, [self._constraint(v)(v.value) for v in constrained])
 
     def _decay_flags(self, variables: Sequence[Variable]) -> list[bool]:
         return [self._use_weight_decay(v) for v in variables]
@@ -565,8 +685,7 @@ class SGD:
                 counter = self._counter(new.iterations, it.dtype, it) if narrow else new.iterations
                 owners = [it, *variables, *momenta, *averages, *([skipped] if skipped is not None else [])]
                 values = [counter, *params, *new.momenta, *new.averages, *([new.skipped] if skipped is not None else [])]
-                for owner, value in zip(owners, values, strict=True):
-                    owner._bind(value)
+                assign_all(owners, values)  # views of a flat bucket (update_step) are written into it
 
     @staticmethod
     def _counter(value: Any, dtype: Any, like: Variable) -> Any:
@@ -735,8 +854,7 @@ class SGD:
             values.append(tree["skipped"] if "skipped" in tree else
                           backend.device_put(np.int64(0), self._skipped.layout.named_sharding()))
         with self._lock:  # not between another thread's execute and its bind
-            for owner, value in zip(owners, values):
-                owner._bind(value)
+            assign_all(owners, values)  # a flat bucket's views: one write per bucket
         return restored
 
 
@@ -762,7 +880,9 @@ def _refuse_tracers(pairs: Sequence[tuple[Any, Any]]) -> None:
     import jax
 
     for g, v in pairs:
-        for what, x in (("the gradient", g), ("the value", getattr(v, "value", None))):
+        view = isinstance(v, Variable) and v._view is not None  # a view holds no array of its own unless traced
+        value = v._array if view else getattr(v, "value", None)
+        for what, x in (("the gradient", g), ("the value", value)):
             if isinstance(x, jax.core.Tracer):
                 raise StepTypeError(
                     f"apply_gradients got a JAX tracer as {what} of variable {getattr(v, 'name', v)!r}: it is being "
