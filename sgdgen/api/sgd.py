@@ -30,7 +30,7 @@ from sgdgen.api.variable import FlatBuffer, Variable, substituted
 from sgdgen.codegen.abi import Slot, StepABI, StepState, slot_name
 from sgdgen.dtypes import COUNTER_ELEMENT_TYPES
 from sgdgen.frontend.zero import pad
-from sgdgen.errors import StepInputError, StepTypeError, UnknownVariableError
+from sgdgen.errors import ArtifactError, StepInputError, StepTypeError, UnknownVariableError
 from sgdgen.frontend import buckets as bucketing
 from sgdgen.frontend import schedules
 from sgdgen.frontend.config import SGDConfig
@@ -141,6 +141,7 @@ class SGD:
         self._signature: tuple[SGDConfig, SGDConfig] | None = None  # (config, its program config), last used
         self._decay: dict[int, bool] = {}  # weight decay per variable, fixed once built
         self._flat: Buckets | None = None  # with buckets=True, once built: the flat buckets (sgdgen.api.flat)
+        self._last_flat_grads: dict[int, Any] | None = None  # compute_gradients' flat gradients, for minimize
         self._lock = threading.RLock()  # one step (or state change) at a time per optimizer (issue 16.6)
 
     # ---- configuration -----------------------------------------------------------------
@@ -430,7 +431,8 @@ class SGD:
         with self._lock:
             return self._apply_gradients(list(grads_and_vars), name)
 
-    def _apply_gradients(self, pairs: list[tuple[Any, Variable]], name: str | None) -> Variable:
+    def _apply_gradients(self, pairs: list[tuple[Any, Variable]], name: str | None, *,
+                         flat_grads: dict[int, Any] | None = None) -> Variable:
         _refuse_tracers(pairs)
         if not pairs:
             return self._iterations
@@ -480,7 +482,7 @@ class SGD:
         finally:
             self._name_scope = None
         if self._flat is not None:
-            self._run_buckets(stepped, placed, self._config, lr)
+            self._run_buckets(stepped, placed, self._config, lr, flat_grads=flat_grads)
         else:
             self._run(stepped, placed, self._config, decay, lr)
         self._apply_constraints(stepped)
@@ -535,6 +537,9 @@ class SGD:
                 packed = flat.pack_gradients(packed_buckets, [[grad_of[self._tracked[k]._unique_id]
                                                                for k in plan.contents[b]] for b in packed_buckets])
                 flat_grads = dict(zip(packed_buckets, packed))
+            else:  # from jax.grad over the buckets: laid out as the buckets are (a no-op put)
+                flat_grads = {b: backend.device_put(x, step.abi.slot("variable", present.index(b)).layout
+                                                    .named_sharding()) for b, x in flat_grads.items()}
             it = self._iterations
             narrow = it.dtype != np.int64
             counter = self._counter(it.value, np.int64, it) if narrow else it.value
@@ -737,16 +742,66 @@ class SGD:
                 out = out.value if isinstance(out, Variable) else out  # read inside: the value is the tracer
             return jnp.sum(out)  # the identity on a scalar
 
-        values = [v.value for v in variables]
-        jaxpr = jax.make_jaxpr(f)(values).jaxpr
+        flat = self._flat_differentiable(variables)
+        # which variables the loss reads: a trace over per-variable abstract values (no device work)
+        jaxpr = jax.make_jaxpr(f)([jax.ShapeDtypeStruct(v.shape, v.dtype) for v in variables]).jaxpr
         used = {id(x) for e in jaxpr.eqns for x in e.invars} | {id(x) for x in jaxpr.outvars}
-        grads = jax.grad(f)(values)
+        if flat is None:
+            grads = jax.grad(f)([v.value for v in variables])
+        else:
+            grads, by_bucket = self._flat_gradients(f, variables, flat)
+            self._last_flat_grads = by_bucket
         return [(g if id(inv) in used else None, v) for g, v, inv in zip(grads, variables, jaxpr.invars)]
 
+    def _flat_differentiable(self, variables: Sequence[Variable]) -> list[int] | None:
+        """With flat buckets, the buckets a gradient of `variables` is taken over (every member of a
+        listed variable's bucket), or None: no buckets, not built, or a variable it does not track."""
+        if self._flat is None or any(self._index.get(v._unique_id) is None for v in variables):
+            return None
+        buckets = {self._flat.plan.members[self._index[v._unique_id]].bucket for v in variables}
+        return sorted(b for b in buckets if self._flat.flat(b)) or None
+
+    def _flat_gradients(self, f: Callable[[list[Any]], Any], variables: Sequence[Variable],
+                        buckets: Sequence[int]) -> tuple[list[Any], dict[int, Any]]:
+        """`jax.grad` of `f` with respect to the flat buckets: each member of `buckets` reads a slice
+        of its traced bucket, so the buckets' gradients come flat. Returns the per-variable
+        gradients of `variables` (slices of the flat ones) and the flat ones by bucket."""
+        import jax
+
+        flat, plan = self._flat, self._flat.plan
+        own = [v for v in variables if not flat.flat(plan.members[self._index[v._unique_id]].bucket)]
+
+        def g(bufs: list[Any], own_values: list[Any]) -> Any:
+            sliced = {k: buf[m.offset:m.offset + m.size].reshape(m.shape)
+                      for b, buf in zip(buckets, bufs) for k in plan.contents[b] for m in (plan.members[k],)}
+            own_of = dict(zip((v._unique_id for v in own), own_values))
+            return f([own_of[v._unique_id] if v._unique_id in own_of else sliced[self._index[v._unique_id]]
+                      for v in variables])
+
+        bufs = [flat.buffers[b]["variable"].array for b in buckets]
+        gb, go = jax.grad(g, argnums=(0, 1))(bufs, [v.value for v in own])
+        by_bucket = dict(zip(buckets, gb))
+        per_member: dict[int, Any] = {}
+        for b in buckets:
+            for k, x in zip(plan.contents[b], flat.unpack(b, by_bucket[b])):
+                per_member[k] = x
+        own_grads = dict(zip((v._unique_id for v in own), go))
+        grads = [own_grads[v._unique_id] if v._unique_id in own_grads else per_member[self._index[v._unique_id]]
+                 for v in variables]
+        return grads, by_bucket
+
     def minimize(self, loss: Callable[[], Any], var_list: Any, tape: Any = None) -> None:
-        """compute_gradients + apply_gradients. Returns None, as the seed documents."""
+        """compute_gradients + apply_gradients. Returns None, as the seed documents. With flat
+        buckets (once built) the gradients are taken with respect to the buckets and applied
+        flat, without packing."""
         with self._lock:  # the loss reads the variables a concurrent step would donate
-            self.apply_gradients(self.compute_gradients(loss, var_list, tape))
+            self._last_flat_grads = None
+            pairs = self.compute_gradients(loss, var_list, tape)
+            flat, self._last_flat_grads = self._last_flat_grads, None
+            if flat is None:
+                self.apply_gradients(pairs)
+                return
+            self._apply_gradients(pairs, None, flat_grads=flat)
 
     # ---- artifacts ---------------------------------------------------------------------
     def save_artifact(self, path: Any, *, platforms: Sequence[str] | None = None) -> Any:
@@ -761,22 +816,39 @@ class SGD:
             raise ValueError(f"learning_rate: the custom schedule {type(lr).__name__} is evaluated on the host each "
                              "step and cannot be stored in an artifact; use a float or one of "
                              f"{', '.join(schedules.SCHEDULES)}")
-        program = self._program(self._tracked, self._config, self._decay_flags(self._tracked))
+        if self._flat is not None:  # the bucketed program, over all buckets
+            program = StepProgram(self._config, self._flat.plan.buckets, self.mesh)
+        else:
+            program = self._program(self._tracked, self._config, self._decay_flags(self._tracked))
         return artifact.write(program, path, platforms=platforms)
 
     @classmethod
-    def load_artifact(cls, path: Any, variables: Sequence[Variable], *, mesh: Any = None) -> SGD:
+    def load_artifact(cls, path: Any, variables: Sequence[Variable], *, mesh: Any = None,
+                      exclude_from_weight_decay: Iterable[Variable] | None = None) -> SGD:
         """An optimizer built on `variables` whose step is loaded from an artifact (no compile
         when the artifact holds an executable for this platform). The artifact's config,
-        mesh and variables' signature must match; otherwise an error says what differs."""
+        mesh and variables' signature must match; otherwise an error says what differs.
+        Weight decay per variable is read from the artifact, or from `exclude_from_weight_decay`
+        (needed for a bucketed artifact whose buckets of one dtype differ in weight decay).
+        A bucketed artifact's plan is rebuilt from `variables` and must match the stored one."""
         from sgdgen.io import artifact
         from sgdgen.runtime.cache import default_cache
 
         variables = list(variables)
         art = artifact.read(path)  # read and verified once
         opt = cls.from_config(art.manifest.config, mesh=mesh if mesh is not None else art.program.mesh)
-        decay = [v.decay for v in art.program.variables]
-        given = list(opt._program(variables, opt._config, decay).variables)
+        if exclude_from_weight_decay is not None:
+            excluded = {v._unique_id for v in exclude_from_weight_decay}
+            decay = [v._unique_id not in excluded for v in variables]
+        elif opt._config.buckets:
+            decay = _bucketed_decay(variables, art.program.variables)
+        else:
+            decay = [v.decay for v in art.program.variables]
+        if opt._config.buckets:
+            plan = opt._bucket_plan(opt._specs(variables, decay), opt._common_mesh(variables))
+            given = list(plan.buckets) if plan is not None else list(opt._specs(variables, decay))
+        else:
+            given = list(opt._program(variables, opt._config, decay).variables)
         art.check(mesh=opt.mesh, variables=given)
         default_cache().put(art.program, art.executable())  # this process's step for the program
         opt.exclude_from_weight_decay(var_list=[v for v, d in zip(variables, decay) if not d])
@@ -856,6 +928,33 @@ class SGD:
         with self._lock:  # not between another thread's execute and its bind
             assign_all(owners, values)  # a flat bucket's views: one write per bucket
         return restored
+
+
+def _bucketed_decay(variables: Sequence[Variable], stored: Sequence[VarSpec]) -> list[bool]:
+    """Each variable's weight-decay flag, read back from a bucketed artifact's program (`stored`):
+    a variable with its own buffer has its spec there; a flat bucket's member takes the flag of
+    the flat bucket(s) of its dtype. Where its dtype has both a decayed and an excluded flat
+    bucket the flag is not recorded per variable: an error asks for the exclusions."""
+    by_name = {s.name: s for s in stored}
+    flags: dict[str, set[bool]] = {}
+    for s in stored:
+        if s.name.startswith("bucket/"):
+            flags.setdefault(s.dtype, set()).add(s.decay)
+    names = _unique_names([v._shared_name for v in variables])
+    decay = []
+    for n, v in zip(names, variables):
+        own = by_name.get(n)
+        if own is not None and not own.name.startswith("bucket/"):
+            decay.append(own.decay)
+            continue
+        options = flags.get(canonical_dtype(v.dtype), {True})
+        if len(options) > 1:
+            raise ArtifactError(
+                f"the artifact's flat buckets hold {canonical_dtype(v.dtype)} variables both with and without weight "
+                f"decay, and which one {v.name!r} was in is not recorded: pass the variables excluded from weight "
+                "decay when it was saved, SGD.load_artifact(path, variables, exclude_from_weight_decay=[...])")
+        decay.append(next(iter(options)))
+    return decay
 
 
 def _padded(slot: Variable) -> bool:
