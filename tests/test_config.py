@@ -253,7 +253,7 @@ def test_legacy_kwargs_raise(k, fix):
 
 VALID = ("learning_rate, momentum, nesterov, amsgrad, gradients_clip_option, ema_option, jit_compile, name, mesh, "
          "weight_decay, clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum, ema_overwrite_frequency, "
-         "shard_update_over, skip_nonfinite")
+         "shard_update_over, skip_nonfinite, buckets, bucket_threshold")
 
 
 @pytest.mark.parametrize("k, closest", [("momentun", "momentum"), ("learningrate", "learning_rate"),
