@@ -142,6 +142,7 @@ class SGD:
         self._decay: dict[int, bool] = {}  # weight decay per variable, fixed once built
         self._flat: Buckets | None = None  # with buckets=True, once built: the flat buckets (sgdgen.api.flat)
         self._last_flat_grads: dict[int, Any] | None = None  # compute_gradients' flat gradients, for minimize
+        self._grad_specs: dict[int, tuple[Any, Any, Any]] = {}  # per variable: a gradient (shape, dtype, sharding) checked
         self._lock = threading.RLock()  # one step (or state change) at a time per optimizer (issue 16.6)
 
     # ---- configuration -----------------------------------------------------------------
@@ -367,6 +368,15 @@ class SGD:
                               per_variable_norms=self._config.clipnorm is not None)
         return None if plan.trivial else plan
 
+    def _checked_mesh(self, variables: Sequence[Variable]) -> Mesh:
+        """`_common_mesh`, skipped when every variable is one this built optimizer tracks (their
+        dtype and mesh were checked at build and a Variable keeps both): no per-variable checks
+        on the per-step path beyond a dict lookup."""
+        index = self._index
+        if self._built and all(type(v) is Variable and v._unique_id in index for v in variables):
+            return self.mesh
+        return self._common_mesh(variables)
+
     def _common_mesh(self, var_list: Sequence[Variable]) -> Mesh:
         for v in var_list:
             if not isinstance(v, Variable):
@@ -446,7 +456,7 @@ class SGD:
         if all(g is None for g in grads):
             raise ValueError(f"No gradients provided for any variable: ({[getattr(v, 'name', v) for v in variables]},"
                              f"). Provided `grads_and_vars` is {tuple(pairs)}.")
-        mesh = self._common_mesh(variables)
+        mesh = self._checked_mesh(variables)
         seen: dict[int, str] = {}
         for v in variables:
             if v._unique_id in seen:
@@ -622,7 +632,23 @@ class SGD:
         return [self._use_weight_decay(v) for v in variables]
 
     def _place_gradient(self, g: Any, v: Variable) -> Any:
-        """The gradient as a jax.Array with the variable's sharding, or an error naming the variable."""
+        """The gradient as a jax.Array with the variable's sharding, or an error naming the variable.
+        A live jax.Array of the variable's shape, dtype and (identical) sharding, the common case
+        of a step, is recognised with three comparisons against what the variable's first
+        gradient established (`_grad_specs`, per variable)."""
+        import jax
+
+        known = self._grad_specs.get(v._unique_id)
+        if known is not None and isinstance(g, jax.Array) and g.shape == known[0] and g.dtype == known[1]:
+            sharding = g.sharding
+            if (sharding is known[2] or sharding == known[2]) and not g.is_deleted():
+                return g
+        placed = self._check_gradient(g, v)
+        if placed is g:  # a jax.Array accepted as it is: the same signature passes the fast check next time
+            self._grad_specs[v._unique_id] = (g.shape, g.dtype, g.sharding)
+        return placed
+
+    def _check_gradient(self, g: Any, v: Variable) -> Any:
         shape = tuple(g.shape) if hasattr(g, "shape") else tuple(np.shape(g))  # np.shape would copy to host
         if shape != v.shape:
             raise ValueError(f"gradient for variable {v.name!r} has shape {list(shape)}, but the variable has shape "
