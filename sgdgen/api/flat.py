@@ -40,7 +40,6 @@ class Buckets:
     abi: StepABI
     buffers: list[dict[str, FlatBuffer] | None]
     _packers: dict[tuple[int, ...], Any] = field(default_factory=dict)
-    _unpackers: dict[int, Any] = field(default_factory=dict)
 
     @classmethod
     def create(cls, plan: BucketPlan, abi: StepABI, variables: Sequence[Variable]) -> Buckets:
@@ -97,16 +96,7 @@ class Buckets:
 
     def unpack(self, b: int, flat: Any) -> list[Any]:
         """The members' arrays of flat bucket b from one flat array (one jitted call, cached)."""
-        fn = self._unpackers.get(b)
-        if fn is None:
-            import jax
-
-            buffer = self.buffers[b]["variable"]
-            members = buffer.members
-            fn = self._unpackers[b] = jax.jit(
-                lambda x: tuple(x[o:o + s].reshape(shape) for o, s, shape in members),
-                out_shardings=buffer.shardings)
-        return list(fn(flat))
+        return self.buffers[b]["variable"].unpack(flat)
 
     def slot_view(self, k: int, role: str, name: str) -> Variable:
         """Variable k's slot of `role` ("momentum" / "average") as a view of its bucket's buffer."""

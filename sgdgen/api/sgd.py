@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from sgdgen import backend
-from sgdgen.api.flat import Buckets, assign_all
+from sgdgen.api.flat import ROLES, Buckets, assign_all
 from sgdgen.api.variable import FlatBuffer, Variable, substituted
 from sgdgen.codegen.abi import Slot, StepABI, StepState, slot_name
 from sgdgen.dtypes import COUNTER_ELEMENT_TYPES
@@ -113,6 +113,12 @@ class SGD:
       skip_nonfinite: keyword only, default False (tf_keras: NaN/Inf propagate). True skips
         every step whose gradients hold a NaN or an Inf, decided inside the program: nothing
         changes but `skipped_steps` (`iterations` too stays; docs/numerics.md §2a).
+      buckets: keyword only, default False. True keeps the small replicated variables' values,
+        momenta and averages in a few flat buffers (README "Flat buckets"): the step takes a
+        handful of arguments; each such variable (and its slots) becomes a view of its bucket.
+        Every variable of a flat bucket then needs a gradient at every step.
+      bucket_threshold: with buckets, variables of at least this many elements keep their own
+        buffers (default 65,536).
 
     Note: Keras 3 calls a callable learning rate at every read; tf_keras, and sgdgen, once.
     """
@@ -554,7 +560,7 @@ class SGD:
             narrow = it.dtype != np.int64
             counter = self._counter(it.value, np.int64, it) if narrow else it.value
             skipped = self._skipped if config.skip_nonfinite else None
-            owners: dict[str, list[Any]] = {r: [] for r in ("variable", "momentum", "average")}
+            owners: dict[str, list[Any]] = {r: [] for r in ROLES}
             g_in = []
             for b in present:
                 if flat.flat(b):
