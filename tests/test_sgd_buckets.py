@@ -294,3 +294,21 @@ def test_config_keys_only_when_set_validated_and_round_trip() -> None:
 def test_clipnorm_buckets_nothing() -> None:
     opt, _ = _train(dict(momentum=0.9, clipnorm=1.0), True, mixed=False, steps=1)
     assert opt._flat is None  # a per-variable norm is not a flat rule: the optimizer is the unbucketed one
+
+
+def test_update_step_and_constraints_write_into_the_bucket() -> None:
+    def make(buckets: bool):
+        vs = _model(False, seed=8)
+        vs[2].constraint = lambda w: w * (w >= 0)  # NonNeg, applied after each step
+        opt = sgdgen.SGD(0.1, momentum=0.9, buckets=buckets)
+        rng = np.random.default_rng(3)
+        for k in range(3):
+            opt.apply_gradients(zip(_grads(vs, rng, k), vs))
+        opt.update_step(np.full((7,), 0.5, np.float32), vs[4])  # a member of a flat bucket, alone
+        return opt, vs
+
+    (got_opt, got), (want_opt, want) = make(True), make(False)
+    assert got[2]._view is not None and got[4]._view is not None
+    assert np.all(got[2].numpy() >= 0)
+    for g, w in zip(_state(got_opt, got), _state(want_opt, want), strict=True):
+        np.testing.assert_array_equal(g, w)
