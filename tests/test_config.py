@@ -253,7 +253,7 @@ def test_legacy_kwargs_raise(k, fix):
 
 VALID = ("learning_rate, momentum, nesterov, amsgrad, gradients_clip_option, ema_option, jit_compile, name, mesh, "
          "weight_decay, clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum, ema_overwrite_frequency, "
-         "shard_update_over, skip_nonfinite")
+         "shard_update_over, skip_nonfinite, buckets, bucket_threshold")
 
 
 @pytest.mark.parametrize("k, closest", [("momentun", "momentum"), ("learningrate", "learning_rate"),
@@ -272,7 +272,8 @@ def test_valid_argument_list_is_sgds_signature():
     listed = VALID.split(", ")
     positional = [p for p in inspect.signature(sgdgen.SGD).parameters if p != "kwargs"]
     assert listed[:len(positional)] == positional
-    defaults = {"use_ema": False, "ema_momentum": 0.99, "skip_nonfinite": False}
+    defaults = {"use_ema": False, "ema_momentum": 0.99, "skip_nonfinite": False, "buckets": False,
+                "bucket_threshold": 1 << 16}
     for name in listed[len(positional):]:
         sgdgen.SGD(0.1, **{name: defaults.get(name)})
 

@@ -25,11 +25,13 @@ from typing import Any
 import numpy as np
 
 from sgdgen import backend
-from sgdgen.api.variable import Variable, substituted
+from sgdgen.api.flat import ROLES, Buckets, assign_all
+from sgdgen.api.variable import FlatBuffer, Variable, substituted
 from sgdgen.codegen.abi import Slot, StepABI, StepState, slot_name
 from sgdgen.dtypes import COUNTER_ELEMENT_TYPES
 from sgdgen.frontend.zero import pad
-from sgdgen.errors import StepInputError, StepTypeError, UnknownVariableError
+from sgdgen.errors import ArtifactError, StepInputError, StepTypeError, UnknownVariableError
+from sgdgen.frontend import buckets as bucketing
 from sgdgen.frontend import schedules
 from sgdgen.frontend.config import SGDConfig
 from sgdgen.frontend.schedules import LearningRateSchedule
@@ -111,6 +113,12 @@ class SGD:
       skip_nonfinite: keyword only, default False (tf_keras: NaN/Inf propagate). True skips
         every step whose gradients hold a NaN or an Inf, decided inside the program: nothing
         changes but `skipped_steps` (`iterations` too stays; docs/numerics.md §2a).
+      buckets: keyword only, default False. True keeps the small replicated variables' values,
+        momenta and averages in a few flat buffers (README "Flat buckets"): the step takes a
+        handful of arguments; each such variable (and its slots) becomes a view of its bucket.
+        Every variable of a flat bucket then needs a gradient at every step.
+      bucket_threshold: with buckets, variables of at least this many elements keep their own
+        buffers (default 65,536).
 
     Note: Keras 3 calls a callable learning rate at every read; tf_keras, and sgdgen, once.
     """
@@ -138,6 +146,9 @@ class SGD:
         self._equivalent = ShardingMatcher()
         self._signature: tuple[SGDConfig, SGDConfig] | None = None  # (config, its program config), last used
         self._decay: dict[int, bool] = {}  # weight decay per variable, fixed once built
+        self._flat: Buckets | None = None  # with buckets=True, once built: the flat buckets (sgdgen.api.flat)
+        self._last_flat_grads: dict[int, Any] | None = None  # compute_gradients' flat gradients, for minimize
+        self._grad_specs: dict[int, tuple[Any, Any, Any]] = {}  # per variable: a gradient (shape, dtype, sharding) checked
         self._lock = threading.RLock()  # one step (or state change) at a time per optimizer (issue 16.6)
 
     # ---- configuration -----------------------------------------------------------------
@@ -267,13 +278,16 @@ class SGD:
         self._extra.append(var)
         return var
 
-    def _slot(self, model_variable: Variable, variable_name: str, scope: str | None,
-              shape: Sequence[int] | None = None, initial_value: Any = None, slot: Slot | None = None) -> Variable:
+    @staticmethod
+    def _slot_name(model_variable: Variable, variable_name: str, scope: str | None) -> str:
         role = {"m": "momentum", "average": "average"}.get(variable_name)
         if scope and role:
-            name = slot_name(scope, role, model_variable._shared_name)
-        else:
-            name = f"{scope + '/' if scope else ''}{variable_name}/{model_variable._shared_name}"
+            return slot_name(scope, role, model_variable._shared_name)
+        return f"{scope + '/' if scope else ''}{variable_name}/{model_variable._shared_name}"
+
+    def _slot(self, model_variable: Variable, variable_name: str, scope: str | None,
+              shape: Sequence[int] | None = None, initial_value: Any = None, slot: Slot | None = None) -> Variable:
+        name = self._slot_name(model_variable, variable_name, scope)
         dt = model_variable.dtype
         shape = model_variable.shape if shape is None else tuple(int(n) for n in shape)
         if initial_value is None:
@@ -333,12 +347,41 @@ class SGD:
         self._tracked = var_list
         scope = self._name_scope or self.name  # tf_keras: the scope apply_gradients opens (a direct build: ours)
         # the slots' own layouts (weight-update sharding) come from the calling convention
-        abi = StepABI.for_config(self._specs(var_list, self._decay_flags(var_list)), mesh, self._config)
+        specs = self._specs(var_list, self._decay_flags(var_list))
+        plan = self._bucket_plan(specs, mesh)
+        abi = StepABI.for_config(plan.buckets if plan is not None else specs, mesh, self._config)
+        if plan is not None:
+            self._flat = Buckets.create(plan, abi, var_list)
+        bucket = (lambda i: plan.members[i].bucket) if plan is not None else (lambda i: i)
+
+        def slot(i: int, v: Variable, role: str, **kw: Any) -> Variable:
+            name = {"momentum": "m"}.get(role, role)
+            if self._flat is not None and self._flat.flat(bucket(i)):
+                return self._flat.slot_view(i, role, self._slot_name(v, name, scope))
+            return self._slot(v, name, scope, slot=abi.slot(role, bucket(i)), **kw)
+
         if self._config.use_ema:
-            self._averages = [self._slot(v, "average", scope, initial_value=v, slot=abi.slot("average", i))
-                              for i, v in enumerate(var_list)]
-        self._momenta = [self._slot(v, "m", scope, slot=abi.slot("momentum", i)) for i, v in enumerate(var_list)]
+            self._averages = [slot(i, v, "average", initial_value=v) for i, v in enumerate(var_list)]
+        self._momenta = [slot(i, v, "momentum") for i, v in enumerate(var_list)]
         self._built = True
+
+    def _bucket_plan(self, specs: Sequence[VarSpec], mesh: Mesh) -> bucketing.BucketPlan | None:
+        """With `buckets=True`, the flat buckets of these variables (None otherwise, or when the
+        plan buckets nothing: then the optimizer is exactly the unbucketed one)."""
+        if not self._config.buckets:
+            return None
+        plan = bucketing.plan(specs, mesh, threshold=self._config.bucket_threshold,
+                              per_variable_norms=self._config.clipnorm is not None)
+        return None if plan.trivial else plan
+
+    def _checked_mesh(self, variables: Sequence[Variable]) -> Mesh:
+        """`_common_mesh`, skipped when every variable is one this built optimizer tracks (their
+        dtype and mesh were checked at build and a Variable keeps both): no per-variable checks
+        on the per-step path beyond a dict lookup."""
+        index = self._index
+        if self._built and all(type(v) is Variable and v._unique_id in index for v in variables):
+            return self.mesh
+        return self._common_mesh(variables)
 
     def _common_mesh(self, var_list: Sequence[Variable]) -> Mesh:
         for v in var_list:
@@ -364,9 +407,9 @@ class SGD:
                 raise ValueError(f"set_weights expects {len(current)} arrays (the order of `variables`: "
                                  f"{[v.name for v in current]}), got {len(weights)}")
             hosts = [_weight_value(v, w, counter=v is self._iterations) for v, w in zip(current, weights)]
-            placed = [v._place(h, v.dtype) for v, h in zip(current, hosts)]  # transfers before any write
-            for v, arr in zip(current, placed):
-                v._bind(arr)
+            # transfers before any write; views of a flat bucket are written with one transfer per bucket
+            placed = [h if v._view is not None else v._place(h, v.dtype) for v, h in zip(current, hosts)]
+            assign_all(current, placed)
 
     def get_weights(self) -> list[np.ndarray]:
         return [v.numpy() for v in self.variables]
@@ -379,9 +422,9 @@ class SGD:
         with self._lock:
             var_list = list(var_list)
             averages = [self._averages[self._slot_index(v)] for v in var_list]
-            placed = [v._place(np.array(a.value), v.dtype) for v, a in zip(var_list, averages)]
-            for v, arr in zip(var_list, placed):
-                v._bind(arr)
+            placed = [a.numpy() if v._view is not None else v._place(np.array(a.value), v.dtype)
+                      for v, a in zip(var_list, averages)]
+            assign_all(var_list, placed)
 
     def _slot_index(self, v: Variable) -> int:
         k = self._index.get(getattr(v, "_unique_id", None))
@@ -404,7 +447,8 @@ class SGD:
         with self._lock:
             return self._apply_gradients(list(grads_and_vars), name)
 
-    def _apply_gradients(self, pairs: list[tuple[Any, Variable]], name: str | None) -> Variable:
+    def _apply_gradients(self, pairs: list[tuple[Any, Variable]], name: str | None, *,
+                         flat_grads: dict[int, Any] | None = None) -> Variable:
         _refuse_tracers(pairs)
         if not pairs:
             return self._iterations
@@ -418,7 +462,7 @@ class SGD:
         if all(g is None for g in grads):
             raise ValueError(f"No gradients provided for any variable: ({[getattr(v, 'name', v) for v in variables]},"
                              f"). Provided `grads_and_vars` is {tuple(pairs)}.")
-        mesh = self._common_mesh(variables)
+        mesh = self._checked_mesh(variables)
         seen: dict[int, str] = {}
         for v in variables:
             if v._unique_id in seen:
@@ -431,8 +475,17 @@ class SGD:
         if self._built:
             for v in stepped:
                 self._slot_index(v)
-        else:  # the generator's checks run now, before build creates anything (the text is kept for the compile)
-            _ = self._step(stepped, self._config, decay, mesh).program.stage0_text
+            plan = self._flat.plan if self._flat is not None else None
+            build = self._tracked
+        else:
+            build = variables
+            plan = self._bucket_plan(self._specs(variables, self._decay_flags(variables)), mesh)
+        if plan is not None:
+            self._refuse_partial_buckets(plan, build, {v._unique_id for v in stepped})
+        if not self._built:  # the generator's checks run now, before build creates anything (text kept for the compile)
+            step = (self._bucket_step(plan, self._present_buckets(plan, stepped, variables), self._config, mesh)
+                    if plan is not None else self._step(stepped, self._config, decay, mesh))
+            _ = step.program.stage0_text
         self._check_constraints(stepped)
         lr = self._lr_value(self._config)  # a custom schedule is evaluated here: a failure changes nothing
         missing = [v.name for g, v in pairs if g is None]
@@ -444,9 +497,98 @@ class SGD:
             self.build(variables)
         finally:
             self._name_scope = None
-        self._run(stepped, placed, self._config, decay, lr)
+        if self._flat is not None:
+            self._run_buckets(stepped, placed, self._config, lr, flat_grads=flat_grads)
+        else:
+            self._run(stepped, placed, self._config, decay, lr)
         self._apply_constraints(stepped)
         return self._iterations
+
+    @staticmethod
+    def _refuse_partial_buckets(plan: bucketing.BucketPlan, variables: Sequence[Variable], stepped: set[int]) -> None:
+        """A flat bucket is stepped whole: a member without a gradient is an error (raised before any
+        change). `variables`: the plan's, in its order; `stepped`: the ids of those with a gradient."""
+        for k, v in enumerate(variables):
+            if v._unique_id not in stepped and not plan.members[k].own:
+                raise StepInputError(
+                    f"variable {v.name!r} has no gradient, but it shares a flat bucket with other variables "
+                    "(SGD(buckets=True)), which is stepped whole: pass a gradient for it (a zero gradient still "
+                    "applies weight decay, momentum and the EMA to it), or create the optimizer with buckets=False "
+                    "to skip variables without gradients")
+
+    @staticmethod
+    def _present_buckets(plan: bucketing.BucketPlan, stepped: Sequence[Variable],
+                         variables: Sequence[Variable]) -> tuple[int, ...]:
+        """The buckets a step updates: every flat one, and each own buffer whose variable is stepped."""
+        ids = {v._unique_id for v in stepped}
+        return tuple(b for b, ks in enumerate(plan.contents)
+                     if not plan.members[ks[0]].own or variables[ks[0]]._unique_id in ids)
+
+    def _bucket_step(self, plan: bucketing.BucketPlan, present: tuple[int, ...], config: SGDConfig,
+                     mesh: Mesh | None = None) -> Step:
+        """The functional step over these buckets of `plan` (built once per set and config signature)."""
+        if self._signature is None or self._signature[0] is not config:
+            self._signature = (config, _program_config(config))
+        signature = self._signature[1]
+        key = ("buckets", present, signature)
+        step = self._steps.get(key)
+        if step is None:
+            specs = tuple(plan.buckets[b] for b in present)
+            step = self._steps[key] = Step(StepProgram(signature, specs, mesh if mesh is not None else self.mesh))
+        return step
+
+    def _run_buckets(self, variables: Sequence[Variable], grads: Sequence[Any], config: SGDConfig,
+                     lr: np.float32 | None, *, flat_grads: dict[int, Any] | None = None) -> None:
+        """One step over the flat buckets (and the own buffers of `variables`): per-variable `grads`
+        (of `variables`) are packed per flat bucket in one jitted call, or given flat (`flat_grads`,
+        bucket -> array, from `minimize`); results are bound to the buffers, views invalidated."""
+        with self._lock:
+            flat = self._flat
+            plan = flat.plan
+            present = self._present_buckets(plan, variables, self._tracked)
+            step = self._bucket_step(plan, present, config)
+            grad_of = {v._unique_id: g for v, g in zip(variables, grads)}
+            if flat_grads is None:
+                packed_buckets = [b for b in present if flat.flat(b)]
+                packed = flat.pack_gradients(packed_buckets, [[grad_of[self._tracked[k]._unique_id]
+                                                               for k in plan.contents[b]] for b in packed_buckets])
+                flat_grads = dict(zip(packed_buckets, packed))
+            else:  # from jax.grad over the buckets: laid out as the buckets are (a no-op put)
+                flat_grads = {b: backend.device_put(x, step.abi.slot("variable", present.index(b)).layout
+                                                    .named_sharding()) for b, x in flat_grads.items()}
+            it = self._iterations
+            narrow = it.dtype != np.int64
+            counter = self._counter(it.value, np.int64, it) if narrow else it.value
+            skipped = self._skipped if config.skip_nonfinite else None
+            owners: dict[str, list[Any]] = {r: [] for r in ROLES}
+            g_in = []
+            for b in present:
+                if flat.flat(b):
+                    bufs = flat.buffers[b]
+                    for r in owners:
+                        if r in bufs:
+                            owners[r].append(bufs[r])
+                    g_in.append(flat_grads[b])
+                else:
+                    k = plan.contents[b][0]
+                    owners["variable"].append(self._tracked[k])
+                    owners["momentum"].append(self._momenta[k])
+                    if config.use_ema:
+                        owners["average"].append(self._averages[k])
+                    g_in.append(grad_of[self._tracked[k]._unique_id])
+            value = lambda o: o.array if isinstance(o, FlatBuffer) else o.value  # noqa: E731
+            state = StepState(counter, tuple(map(value, owners["momentum"])), tuple(map(value, owners["average"])),
+                              skipped.value if skipped is not None else None)
+            with uninterruptible():
+                params, new = step.apply(state, [value(o) for o in owners["variable"]], g_in, lr,
+                                         grads_checked=True)
+                counter = self._counter(new.iterations, it.dtype, it) if narrow else new.iterations
+                targets = [it, *owners["variable"], *owners["momentum"], *owners["average"],
+                           *([skipped] if skipped is not None else [])]
+                values = [counter, *params, *new.momenta, *new.averages,
+                          *([new.skipped] if skipped is not None else [])]
+                for owner, v in zip(targets, values, strict=True):
+                    owner.bind(v) if isinstance(owner, FlatBuffer) else owner._bind(v)
 
     def _lr_value(self, config: SGDConfig) -> np.float32 | None:
         """The step's runtime learning rate: the float, a custom schedule's value at the current
@@ -489,15 +631,30 @@ class SGD:
     def _apply_constraints(self, variables: Sequence[Variable]) -> None:
         """tf_keras: `variable.assign(variable.constraint(variable))` after the step, for each
         variable it updated (after the EMA, which saw the unconstrained value)."""
-        for v in variables:
-            if v.constraint is not None:
-                v._bind(self._constraint(v)(v.value))
+        constrained = [v for v in variables if v.constraint is not None]
+        assign_all(constrained, [self._constraint(v)(v.value) for v in constrained])
 
     def _decay_flags(self, variables: Sequence[Variable]) -> list[bool]:
         return [self._use_weight_decay(v) for v in variables]
 
     def _place_gradient(self, g: Any, v: Variable) -> Any:
-        """The gradient as a jax.Array with the variable's sharding, or an error naming the variable."""
+        """The gradient as a jax.Array with the variable's sharding, or an error naming the variable.
+        A live jax.Array of the variable's shape, dtype and (identical) sharding, the common case
+        of a step, is recognised with three comparisons against what the variable's first
+        gradient established (`_grad_specs`, per variable)."""
+        import jax
+
+        known = self._grad_specs.get(v._unique_id)
+        if known is not None and isinstance(g, jax.Array) and g.shape == known[0] and g.dtype == known[1]:
+            sharding = g.sharding
+            if (sharding is known[2] or sharding == known[2]) and not g.is_deleted():
+                return g
+        placed = self._check_gradient(g, v)
+        if placed is g:  # a jax.Array accepted as it is: the same signature passes the fast check next time
+            self._grad_specs[v._unique_id] = (g.shape, g.dtype, g.sharding)
+        return placed
+
+    def _check_gradient(self, g: Any, v: Variable) -> Any:
         shape = tuple(g.shape) if hasattr(g, "shape") else tuple(np.shape(g))  # np.shape would copy to host
         if shape != v.shape:
             raise ValueError(f"gradient for variable {v.name!r} has shape {list(shape)}, but the variable has shape "
@@ -565,8 +722,7 @@ class SGD:
                 counter = self._counter(new.iterations, it.dtype, it) if narrow else new.iterations
                 owners = [it, *variables, *momenta, *averages, *([skipped] if skipped is not None else [])]
                 values = [counter, *params, *new.momenta, *new.averages, *([new.skipped] if skipped is not None else [])]
-                for owner, value in zip(owners, values, strict=True):
-                    owner._bind(value)
+                assign_all(owners, values)  # views of a flat bucket (update_step) are written into it
 
     @staticmethod
     def _counter(value: Any, dtype: Any, like: Variable) -> Any:
@@ -618,16 +774,66 @@ class SGD:
                 out = out.value if isinstance(out, Variable) else out  # read inside: the value is the tracer
             return jnp.sum(out)  # the identity on a scalar
 
-        values = [v.value for v in variables]
-        jaxpr = jax.make_jaxpr(f)(values).jaxpr
+        flat = self._flat_differentiable(variables)
+        # which variables the loss reads: a trace over per-variable abstract values (no device work)
+        jaxpr = jax.make_jaxpr(f)([jax.ShapeDtypeStruct(v.shape, v.dtype) for v in variables]).jaxpr
         used = {id(x) for e in jaxpr.eqns for x in e.invars} | {id(x) for x in jaxpr.outvars}
-        grads = jax.grad(f)(values)
+        if flat is None:
+            grads = jax.grad(f)([v.value for v in variables])
+        else:
+            grads, by_bucket = self._flat_gradients(f, variables, flat)
+            self._last_flat_grads = by_bucket
         return [(g if id(inv) in used else None, v) for g, v, inv in zip(grads, variables, jaxpr.invars)]
 
+    def _flat_differentiable(self, variables: Sequence[Variable]) -> list[int] | None:
+        """With flat buckets, the buckets a gradient of `variables` is taken over (every member of a
+        listed variable's bucket), or None: no buckets, not built, or a variable it does not track."""
+        if self._flat is None or any(self._index.get(v._unique_id) is None for v in variables):
+            return None
+        buckets = {self._flat.plan.members[self._index[v._unique_id]].bucket for v in variables}
+        return sorted(b for b in buckets if self._flat.flat(b)) or None
+
+    def _flat_gradients(self, f: Callable[[list[Any]], Any], variables: Sequence[Variable],
+                        buckets: Sequence[int]) -> tuple[list[Any], dict[int, Any]]:
+        """`jax.grad` of `f` with respect to the flat buckets: each member of `buckets` reads a slice
+        of its traced bucket, so the buckets' gradients come flat. Returns the per-variable
+        gradients of `variables` (slices of the flat ones) and the flat ones by bucket."""
+        import jax
+
+        flat, plan = self._flat, self._flat.plan
+        own = [v for v in variables if not flat.flat(plan.members[self._index[v._unique_id]].bucket)]
+
+        def g(bufs: list[Any], own_values: list[Any]) -> Any:
+            sliced = {k: buf[m.offset:m.offset + m.size].reshape(m.shape)
+                      for b, buf in zip(buckets, bufs) for k in plan.contents[b] for m in (plan.members[k],)}
+            own_of = dict(zip((v._unique_id for v in own), own_values))
+            return f([own_of[v._unique_id] if v._unique_id in own_of else sliced[self._index[v._unique_id]]
+                      for v in variables])
+
+        bufs = [flat.buffers[b]["variable"].array for b in buckets]
+        gb, go = jax.grad(g, argnums=(0, 1))(bufs, [v.value for v in own])
+        by_bucket = dict(zip(buckets, gb))
+        per_member: dict[int, Any] = {}
+        for b in buckets:
+            for k, x in zip(plan.contents[b], flat.unpack(b, by_bucket[b])):
+                per_member[k] = x
+        own_grads = dict(zip((v._unique_id for v in own), go))
+        grads = [own_grads[v._unique_id] if v._unique_id in own_grads else per_member[self._index[v._unique_id]]
+                 for v in variables]
+        return grads, by_bucket
+
     def minimize(self, loss: Callable[[], Any], var_list: Any, tape: Any = None) -> None:
-        """compute_gradients + apply_gradients. Returns None, as the seed documents."""
+        """compute_gradients + apply_gradients. Returns None, as the seed documents. With flat
+        buckets (once built) the gradients are taken with respect to the buckets and applied
+        flat, without packing."""
         with self._lock:  # the loss reads the variables a concurrent step would donate
-            self.apply_gradients(self.compute_gradients(loss, var_list, tape))
+            self._last_flat_grads = None
+            pairs = self.compute_gradients(loss, var_list, tape)
+            flat, self._last_flat_grads = self._last_flat_grads, None
+            if flat is None:
+                self.apply_gradients(pairs)
+                return
+            self._apply_gradients(pairs, None, flat_grads=flat)
 
     # ---- artifacts ---------------------------------------------------------------------
     def save_artifact(self, path: Any, *, platforms: Sequence[str] | None = None) -> Any:
@@ -642,22 +848,39 @@ class SGD:
             raise ValueError(f"learning_rate: the custom schedule {type(lr).__name__} is evaluated on the host each "
                              "step and cannot be stored in an artifact; use a float or one of "
                              f"{', '.join(schedules.SCHEDULES)}")
-        program = self._program(self._tracked, self._config, self._decay_flags(self._tracked))
+        if self._flat is not None:  # the bucketed program, over all buckets
+            program = StepProgram(self._config, self._flat.plan.buckets, self.mesh)
+        else:
+            program = self._program(self._tracked, self._config, self._decay_flags(self._tracked))
         return artifact.write(program, path, platforms=platforms)
 
     @classmethod
-    def load_artifact(cls, path: Any, variables: Sequence[Variable], *, mesh: Any = None) -> SGD:
+    def load_artifact(cls, path: Any, variables: Sequence[Variable], *, mesh: Any = None,
+                      exclude_from_weight_decay: Iterable[Variable] | None = None) -> SGD:
         """An optimizer built on `variables` whose step is loaded from an artifact (no compile
         when the artifact holds an executable for this platform). The artifact's config,
-        mesh and variables' signature must match; otherwise an error says what differs."""
+        mesh and variables' signature must match; otherwise an error says what differs.
+        Weight decay per variable is read from the artifact, or from `exclude_from_weight_decay`
+        (needed for a bucketed artifact whose buckets of one dtype differ in weight decay).
+        A bucketed artifact's plan is rebuilt from `variables` and must match the stored one."""
         from sgdgen.io import artifact
         from sgdgen.runtime.cache import default_cache
 
         variables = list(variables)
         art = artifact.read(path)  # read and verified once
         opt = cls.from_config(art.manifest.config, mesh=mesh if mesh is not None else art.program.mesh)
-        decay = [v.decay for v in art.program.variables]
-        given = list(opt._program(variables, opt._config, decay).variables)
+        if exclude_from_weight_decay is not None:
+            excluded = {v._unique_id for v in exclude_from_weight_decay}
+            decay = [v._unique_id not in excluded for v in variables]
+        elif opt._config.buckets:
+            decay = _bucketed_decay(variables, art.program.variables)
+        else:
+            decay = [v.decay for v in art.program.variables]
+        if opt._config.buckets:
+            plan = opt._bucket_plan(opt._specs(variables, decay), opt._common_mesh(variables))
+            given = list(plan.buckets) if plan is not None else list(opt._specs(variables, decay))
+        else:
+            given = list(opt._program(variables, opt._config, decay).variables)
         art.check(mesh=opt.mesh, variables=given)
         default_cache().put(art.program, art.executable())  # this process's step for the program
         opt.exclude_from_weight_decay(var_list=[v for v, d in zip(variables, decay) if not d])
@@ -735,9 +958,35 @@ class SGD:
             values.append(tree["skipped"] if "skipped" in tree else
                           backend.device_put(np.int64(0), self._skipped.layout.named_sharding()))
         with self._lock:  # not between another thread's execute and its bind
-            for owner, value in zip(owners, values):
-                owner._bind(value)
+            assign_all(owners, values)  # a flat bucket's views: one write per bucket
         return restored
+
+
+def _bucketed_decay(variables: Sequence[Variable], stored: Sequence[VarSpec]) -> list[bool]:
+    """Each variable's weight-decay flag, read back from a bucketed artifact's program (`stored`):
+    a variable with its own buffer has its spec there; a flat bucket's member takes the flag of
+    the flat bucket(s) of its dtype. Where its dtype has both a decayed and an excluded flat
+    bucket the flag is not recorded per variable: an error asks for the exclusions."""
+    by_name = {s.name: s for s in stored}
+    flags: dict[str, set[bool]] = {}
+    for s in stored:
+        if s.name.startswith("bucket/"):
+            flags.setdefault(s.dtype, set()).add(s.decay)
+    names = _unique_names([v._shared_name for v in variables])
+    decay = []
+    for n, v in zip(names, variables):
+        own = by_name.get(n)
+        if own is not None and not own.name.startswith("bucket/"):
+            decay.append(own.decay)
+            continue
+        options = flags.get(canonical_dtype(v.dtype), {True})
+        if len(options) > 1:
+            raise ArtifactError(
+                f"the artifact's flat buckets hold {canonical_dtype(v.dtype)} variables both with and without weight "
+                f"decay, and which one {v.name!r} was in is not recorded: pass the variables excluded from weight "
+                "decay when it was saved, SGD.load_artifact(path, variables, exclude_from_weight_decay=[...])")
+        decay.append(next(iter(options)))
+    return decay
 
 
 def _padded(slot: Variable) -> bool:
@@ -762,7 +1011,9 @@ def _refuse_tracers(pairs: Sequence[tuple[Any, Any]]) -> None:
     import jax
 
     for g, v in pairs:
-        for what, x in (("the gradient", g), ("the value", getattr(v, "value", None))):
+        view = isinstance(v, Variable) and v._view is not None  # a view holds no array of its own unless traced
+        value = v._array if view else getattr(v, "value", None)
+        for what, x in (("the gradient", g), ("the value", value)):
             if isinstance(x, jax.core.Tracer):
                 raise StepTypeError(
                     f"apply_gradients got a JAX tracer as {what} of variable {getattr(v, 'name', v)!r}: it is being "

@@ -3,6 +3,11 @@
 The optimizer updates variables in place: their buffers are donated to the compiled
 step and replaced by its results, so `Variable.value` is always the live array and an
 array read from it before a step is deleted after it (JAX's donation contract).
+
+With flat buckets (`SGD(buckets=True)`) a small variable is a VIEW of a `FlatBuffer` the
+optimizer owns: `value` is its slice of the buffer (one jitted slice, computed on the first
+read after the buffer changed and cached until it changes again), `numpy()` a slice of
+the buffer's host copy, and writes (`assign`) go into the buffer.
 """
 
 from __future__ import annotations
@@ -19,6 +24,93 @@ from sgdgen.frontend.zero import unpad
 from sgdgen.frontend.spec import Layout, Mesh, SpecError, canonical_dtype, numpy_dtype
 
 _ids = itertools.count()
+
+
+class FlatBuffer:
+    """One flat 1-D array that several Variables view (a bucket's values, momenta or averages).
+
+    `members[k] = (offset, size, shape)`: view k is elements [offset, offset + size) reshaped.
+    `bind` takes a new array (a step's result): every cached view value is dropped.
+    """
+
+    def __init__(self, array: Any, members: Sequence[tuple[int, int, tuple[int, ...]]], shardings: Sequence[Any]):
+        self.members = tuple(members)
+        self.shardings = tuple(shardings)  # each view's sharding (its variable's layout)
+        self.array = array
+        self._values: list[Any] = [None] * len(self.members)
+        self._host: np.ndarray | None = None
+        self._misses = 0  # view reads since the last bind that were not cached
+
+    def bind(self, array: Any) -> None:
+        """The buffer's new array (no copy); the views' cached values are invalidated."""
+        self.array = array
+        self._values = [None] * len(self.members)
+        self._host = None
+        self._misses = 0
+
+    def value(self, k: int) -> Any:
+        """View k's jax.Array, cached until the next `bind`. The first read after a change slices
+        one view (one jitted slice, ~10-40 us); a second one means the views are being read in
+        turn (a forward pass), so every view is sliced at once in one jitted call (`unpack`)."""
+        v = self._values[k]
+        if v is None:
+            self._misses += 1
+            if self._misses > 1 and len(self.members) > 2:
+                self._values = [a if a is not None else b for a, b in zip(self._values, self.unpack(self.array))]
+                return self._values[k]
+            offset, size, shape = self.members[k]
+            v = self._values[k] = _slicer(size, shape, self.shardings[k])(self.array, np.int32(offset))
+        return v
+
+    def unpack(self, flat: Any) -> list[Any]:
+        """Every view's array from `flat` (this buffer's array, or one laid out like it, e.g. its
+        gradient): one jitted call of static slices, compiled once per layout of views."""
+        key = (self.members, self.shardings)
+        fn = _unpackers.get(key)
+        if fn is None:
+            import jax
+
+            members = self.members
+            fn = _unpackers[key] = jax.jit(lambda x: tuple(x[o:o + s].reshape(shape) for o, s, shape in members),
+                                           out_shardings=self.shardings)
+        return list(fn(flat))
+
+    def host(self) -> np.ndarray:
+        """The buffer on the host (on CPU `np.asarray` shares its memory), cached until `bind`."""
+        if self._host is None:
+            self._host = np.asarray(self.array)
+        return self._host
+
+    def numpy(self, k: int) -> np.ndarray:
+        """View k on the host: a slice of `host()`, no device work."""
+        offset, size, shape = self.members[k]
+        return self.host()[offset:offset + size].reshape(shape)
+
+    def write(self, values: dict[int, np.ndarray]) -> None:
+        """Sets several views at once (host arrays of their shapes and the buffer's dtype): one
+        host copy of the buffer, one transfer, however many views change."""
+        new = np.array(self.host(), copy=True)
+        for k, v in values.items():
+            offset, size, _ = self.members[k]
+            new[offset:offset + size] = np.reshape(np.asarray(v), (-1,))
+        self.bind(backend.device_put(new, self.array.sharding))
+
+
+_slicers: dict[tuple[Any, ...], Any] = {}
+_unpackers: dict[tuple[Any, ...], Any] = {}
+
+
+def _slicer(size: int, shape: tuple[int, ...], sharding: Any) -> Any:
+    """A jitted `buffer[offset:offset + size].reshape(shape)` with the offset a runtime argument,
+    so one compile serves every view of that size and shape (not one per view)."""
+    key = (size, shape, sharding)
+    fn = _slicers.get(key)
+    if fn is None:
+        import jax
+
+        fn = _slicers[key] = jax.jit(lambda b, o: jax.lax.dynamic_slice(b, (o,), (size,)).reshape(shape),
+                                     out_shardings=sharding)
+    return fn
 
 
 def _dtype(dtype: Any, name: str | None) -> np.dtype:
@@ -81,7 +173,36 @@ class Variable:
         self._unique_id = next(_ids)
         self.constraint = constraint
         self._plan: Any = None  # a weight-update-sharded slot's padding (sgdgen.frontend.zero), set by SGD.build
+        self._view: tuple[FlatBuffer, int] | None = None  # (buffer, index) when a view of a flat bucket
         self._value = self._place(host, dt)
+
+    @classmethod
+    def view(cls, buffer: FlatBuffer, k: int, *, name: str, layout: Layout, dtype: Any) -> Variable:
+        """A variable that is view `k` of `buffer` (an optimizer slot in a flat bucket)."""
+        var = cls.__new__(cls)
+        var.name, var._shared_name = _canonical_name(name, "Variable")
+        var.layout, var.trainable, var.constraint, var._plan = layout, True, None, None
+        var._unique_id = next(_ids)
+        var._view_of(buffer, k, np.dtype(dtype))
+        return var
+
+    def _view_of(self, buffer: FlatBuffer, k: int, dtype: np.dtype) -> None:
+        """Makes this variable view `k` of `buffer` (its own buffer is dropped)."""
+        self._view = (buffer, k)
+        self._view_meta = (tuple(buffer.members[k][2]), dtype)
+        self._value = None
+
+    @property
+    def _value(self) -> Any:
+        a = self._array
+        if a is None and self._view is not None:
+            buffer, k = self._view
+            return buffer.value(k)
+        return a
+
+    @_value.setter
+    def _value(self, array: Any) -> None:
+        self._array = array
 
     # ---- the array ---------------------------------------------------------------------
     def _place(self, value: Any, dtype: np.dtype) -> Any:
@@ -104,6 +225,9 @@ class Variable:
 
     def numpy(self) -> np.ndarray:
         """The value on the host; a padded (weight-update-sharded) slot shows its logical value."""
+        if self._array is None and self._view is not None:
+            buffer, k = self._view
+            return buffer.numpy(k)
         return unpad(self._plan, np.asarray(self._value))
 
     def assign(self, value: Any) -> Variable:
@@ -112,15 +236,23 @@ class Variable:
         if shape != self.shape:
             raise SpecError(f"variable {self._shared_name!r}: cannot assign a value of shape {list(shape)} to a "
                             f"variable of shape {list(self.shape)}")
-        self._value = self._place(value, self.dtype)
+        if self._view is not None:
+            buffer, k = self._view
+            buffer.write({k: np.asarray(value, dtype=self.dtype)})
+        else:
+            self._value = self._place(value, self.dtype)
         return self
 
     @property
     def shape(self) -> tuple[int, ...]:
+        if self._array is None and self._view is not None:
+            return self._view_meta[0]
         return tuple(self._value.shape)
 
     @property
     def dtype(self) -> np.dtype:
+        if self._array is None and self._view is not None:
+            return self._view_meta[1]
         return np.dtype(self._value.dtype)
 
     @property
@@ -128,7 +260,7 @@ class Variable:
         return self.layout.mesh
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        a = np.asarray(self._value)
+        a = self.numpy() if self._view is not None else np.asarray(self._value)
         return a.astype(dtype) if dtype is not None else a
 
     def __repr__(self) -> str:
@@ -140,7 +272,7 @@ class Variable:
 def substituted(variables: Sequence[Variable], values: Sequence[Any]) -> Iterator[None]:
     """Reads of `variables` see `values` (e.g. JAX tracers) inside the block; restored after,
     also on error. This is how a zero-argument loss is differentiated with respect to them."""
-    saved = [v._value for v in variables]
+    saved = [v._array for v in variables]  # None for a view of a flat bucket
     try:
         for v, x in zip(variables, values):
             v._value = x

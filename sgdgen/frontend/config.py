@@ -21,6 +21,7 @@ import numpy as np
 from sgdgen.frontend import schedules
 from sgdgen.frontend.arguments import as_flag, as_real, check_names
 from sgdgen.frontend.schedules import LearningRateSchedule
+from sgdgen.frontend.buckets import DEFAULT_THRESHOLD
 
 __all__ = ["GradientsClipOption", "EMAOption", "SGDConfig"]
 
@@ -172,6 +173,10 @@ class SGDConfig:
     #: the data-parallel mesh axis over which optimizer slots are sharded (ZeRO-1/2), or None
     shard_update_over: str | None = None
     skip_nonfinite: bool = False
+    #: keep small replicated variables' state (and values) in flat buffers (sgdgen.frontend.buckets)
+    buckets: bool = False
+    #: variables of at least this many elements keep their own buffers (with `buckets`)
+    bucket_threshold: int = DEFAULT_THRESHOLD
 
     @classmethod
     def create(
@@ -194,6 +199,8 @@ class SGDConfig:
         ema_overwrite_frequency: Any = _UNSET,
         shard_update_over: str | None = None,
         skip_nonfinite: Any = False,
+        buckets: Any = False,
+        bucket_threshold: Any = DEFAULT_THRESHOLD,
         **kwargs: Any,
     ) -> SGDConfig:
         """Merge, validate (in tf_keras' order, §2) and freeze the SGD constructor arguments."""
@@ -251,6 +258,11 @@ class SGDConfig:
         nesterov = _flag("nesterov", nesterov)
         jit_compile = _flag("jit_compile", jit_compile)
         skip_nonfinite = _flag("skip_nonfinite", skip_nonfinite)
+        buckets = _flag("buckets", buckets)
+        if isinstance(bucket_threshold, bool) or not isinstance(bucket_threshold, (int, np.integer)) or \
+                bucket_threshold < 1:
+            raise ValueError("`bucket_threshold` must be a positive integer number of elements (variables that "
+                             f"large keep their own buffers). Received: bucket_threshold={bucket_threshold!r}")
         if _flag("amsgrad", amsgrad):
             warnings.warn("`amsgrad` has no effect on SGD; it is accepted for compatibility.",
                           UserWarning, stacklevel=2)
@@ -258,7 +270,8 @@ class SGDConfig:
             name=name, learning_rate=lr, momentum=momentum, nesterov=nesterov,
             weight_decay=weight_decay, use_ema=use_ema, ema_momentum=ema_momentum,
             ema_overwrite_frequency=frequency, jit_compile=jit_compile, amsgrad=amsgrad,
-            shard_update_over=shard_update_over, skip_nonfinite=bool(skip_nonfinite), **clip,
+            shard_update_over=shard_update_over, skip_nonfinite=bool(skip_nonfinite), buckets=bool(buckets),
+            bucket_threshold=int(bucket_threshold), **clip,
         )
 
     def get_config(self) -> dict[str, Any]:
@@ -271,6 +284,10 @@ class SGDConfig:
             config["shard_update_over"] = self.shard_update_over
         if self.skip_nonfinite:  # sgdgen's own key, only when set: a default config stays tf_keras' dict
             config["skip_nonfinite"] = True
+        if self.buckets:  # sgdgen's own keys, only when set
+            config["buckets"] = True
+        if self.bucket_threshold != DEFAULT_THRESHOLD:
+            config["bucket_threshold"] = self.bucket_threshold
         return config
 
     @classmethod

@@ -144,7 +144,13 @@ def _sgdgen_apply(model: Model, init: list[np.ndarray], grads: list[Any], art_di
     loaded = sgdgen.SGD.load_artifact(art_dir, fresh)
     loaded_step = runner(loaded, fresh)
     loaded_step()
-    return {"sgdgen": Contender(step, sgdgen_exe=exe), "sgdgen_artifact": Contender(loaded_step, sgdgen_exe=exe)}
+    flat_vars = build(init)  # the stand-alone optimizer on flat buckets (SGD(buckets=True))
+    flat_opt = sgdgen.SGD(**CONFIG, mesh=model.mesh or None, buckets=True)
+    flat_step = runner(flat_opt, flat_vars)
+    flat_step()
+    (flat_program,) = flat_opt._steps.values()
+    return {"sgdgen": Contender(step, sgdgen_exe=exe), "sgdgen_artifact": Contender(loaded_step, sgdgen_exe=exe),
+            "sgdgen_buckets": Contender(flat_step, sgdgen_exe=flat_program.executable.executable)}
 
 
 def _jit_contender(update: Callable[..., Any], carry: list[Any], fixed: tuple[Any, ...],
@@ -705,7 +711,8 @@ def notes(result: dict[str, Any]) -> list[str]:
     return out
 
 
-COLUMNS = ("sgdgen", "sgdgen_artifact", "sgdgen_jax_step", "sgdgen_flat", "optax", "keras", "torch_foreach", "torch_fused", "bound", "bound_flat")
+COLUMNS = ("sgdgen", "sgdgen_artifact", "sgdgen_buckets", "sgdgen_jax_step", "sgdgen_flat", "optax", "keras",
+           "torch_foreach", "torch_fused", "bound", "bound_flat")
 
 
 def table(result: dict[str, Any]) -> Any:

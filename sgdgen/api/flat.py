@@ -1,0 +1,123 @@
+"""The stateful optimizer's flat buckets (`sgdgen.SGD(buckets=True)`).
+
+`sgdgen.frontend.buckets.plan` decides which variables share a flat buffer; this module
+holds those buffers for `sgdgen.SGD`: per flat bucket, one `FlatBuffer` per role (the
+variables' values, the momenta, the EMA averages), of which the user's Variables and the
+optimizer's slot Variables are views. A step then takes one argument per bucket and role
+instead of one per variable (PERF-NOTES "Flat buffers").
+
+Per-variable gradients are packed into the buckets by one jitted function per set of
+buckets (cached), outside the compiled step: the step's program takes flat gradients, and
+packing inside it would need per-variable gradient inputs, i.e. the argument count the
+buckets remove.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from sgdgen.api.variable import FlatBuffer, Variable
+from sgdgen.codegen.abi import StepABI
+from sgdgen.frontend.buckets import BucketPlan
+from sgdgen.frontend.zero import pad
+from sgdgen.runtime.executable import put
+
+#: The state roles a flat bucket keeps a buffer for (the ABI's slot roles).
+ROLES = ("variable", "momentum", "average")
+
+
+@dataclass
+class Buckets:
+    """A built optimizer's flat buckets: `plan` over its tracked variables, `abi` the
+    convention of the program over all of `plan.buckets`, `buffers[b]` the role -> buffer
+    map of flat bucket b (None for a variable that keeps its own buffer)."""
+
+    plan: BucketPlan
+    abi: StepABI
+    buffers: list[dict[str, FlatBuffer] | None]
+    _packers: dict[tuple[int, ...], Any] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, plan: BucketPlan, abi: StepABI, variables: Sequence[Variable]) -> Buckets:
+        """The buffers of every flat bucket, filled from `variables` (the plan's order): their
+        values packed, zero momenta, averages equal to the values. Makes each member a view."""
+        buffers: list[dict[str, FlatBuffer] | None] = []
+        for b, ks in enumerate(plan.contents):
+            if plan.members[ks[0]].own:
+                buffers.append(None)
+                continue
+            members = [(plan.members[k].offset, plan.members[k].size, plan.members[k].shape) for k in ks]
+            shardings = [variables[k].layout.named_sharding() for k in ks]
+            packed = np.concatenate([np.reshape(np.asarray(variables[k].numpy()), (-1,)) for k in ks])
+            roles = {"variable": put(abi.slot("variable", b), packed),
+                     "momentum": put(abi.slot("momentum", b), np.zeros(abi.slot("momentum", b).shape))}
+            if abi.use_ema:
+                roles["average"] = put(abi.slot("average", b), pad(abi.slot("average", b).plan, packed))
+            buffers.append({r: FlatBuffer(a, members, shardings) for r, a in roles.items()})
+        for b, ks in enumerate(plan.contents):
+            if buffers[b] is not None:
+                for j, k in enumerate(ks):
+                    variables[k]._view_of(buffers[b]["variable"], j, variables[k].dtype)
+        return cls(plan, abi, buffers)
+
+    def flat(self, b: int) -> bool:
+        return self.buffers[b] is not None
+
+    def where(self, k: int) -> tuple[int, int]:
+        """(bucket, position within the bucket) of variable k."""
+        b = self.plan.members[k].bucket
+        return b, self.plan.contents[b].index(k)
+
+    def pack_gradients(self, buckets: Sequence[int], grads: Sequence[Sequence[Any]]) -> list[Any]:
+        """The flat gradients of flat `buckets` from their members' gradients (`grads[i]`: bucket
+        `buckets[i]`'s, in offset order): one jitted call, compiled once per set of buckets."""
+        key = tuple(buckets)
+        fn = self._packers.get(key)
+        if fn is None:
+            import jax
+            import jax.numpy as jnp
+
+            sizes = [len(g) for g in grads]
+            shardings = tuple(self.abi.inputs[self.abi.index("gradient", b)].layout.named_sharding() for b in key)
+
+            def pack(*flat: Any) -> tuple[Any, ...]:
+                out, at = [], 0
+                for n in sizes:
+                    out.append(jnp.concatenate([jnp.reshape(g, (-1,)) for g in flat[at:at + n]]))
+                    at += n
+                return tuple(out)
+
+            fn = self._packers[key] = jax.jit(pack, out_shardings=shardings)
+        return list(fn(*(g for gs in grads for g in gs)))
+
+    def unpack(self, b: int, flat: Any) -> list[Any]:
+        """The members' arrays of flat bucket b from one flat array (one jitted call, cached)."""
+        return self.buffers[b]["variable"].unpack(flat)
+
+    def slot_view(self, k: int, role: str, name: str) -> Variable:
+        """Variable k's slot of `role` ("momentum" / "average") as a view of its bucket's buffer."""
+        b, j = self.where(k)
+        v = self.plan.variables[k]
+        buffer = self.buffers[b][role]
+        return Variable.view(buffer, j, name=name, layout=v.layout, dtype=buffer.array.dtype)
+
+
+def assign_all(owners: Sequence[Variable], values: Sequence[Any]) -> None:
+    """Each owner takes its new value: its own buffer is rebound (no copy); views of a flat
+    bucket are written into it, one write per buffer however many of its views change."""
+    writes: dict[int, tuple[FlatBuffer, dict[int, Any]]] = {}
+    for owner, value in zip(owners, values, strict=True):
+        if owner._view is not None:
+            buffer, k = owner._view
+            writes.setdefault(id(buffer), (buffer, {}))[1][k] = value
+        else:
+            owner._bind(value)
+    for buffer, vals in writes.values():
+        buffer.write(vals)
+
+
+__all__ = ["Buckets", "ROLES", "assign_all"]
