@@ -66,7 +66,7 @@ def test_quick_json_has_every_model_contender_and_measurement(quick_run: tuple[d
         assert math.isclose(model["contenders"]["bound"]["x_bound"], 1.0)
     assert result["models"][benchmark.MESH_MODEL]["contenders"]["sgdgen"]["all_reduce"] >= 1  # the global norm
     cold = result["cold_start"]
-    for mode in ("compile", "load", "optax"):
+    for mode in benchmark.COLD_MODES:
         assert 0 < cold[mode]["first_step_s"] < cold[mode]["process_s"]
     sc = result["scale"]
     assert len(sc["variables"]) == len(sc["stage0_s"]) == len(sc["passes_s"]) >= 3
