@@ -21,6 +21,7 @@ from sgdgen.codegen import constants
 from sgdgen.passes import attrs
 
 
+@cache  # pure, and asked for once per variable per stage with a handful of distinct arguments
 def hex_literal(value: float, dtype: str, *, via_float32: bool = False) -> str:
     """The exact bit pattern of `value` in `dtype`, as an MLIR hex literal (`0x3F800000`).
 
