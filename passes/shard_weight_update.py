@@ -61,9 +61,12 @@ def _with_sharding(d: ir.DictAttr | None, sharding: ir.Attribute) -> ir.DictAttr
     return ir.DictAttr.get(entries)
 
 
-def _next_channel(block: ir.Block) -> int:
-    """One past the highest channel handle already in the program (handles must be unique)."""
-    found = [int(m) for m in re.findall(r"channel_handle<handle = (\d+)", str(block.owner))]
+def _next_channel(ops: list[ir.Operation]) -> int:
+    """One past the highest channel handle already in the program (handles must be unique). The
+    body is straight-line, so its collectives are among `ops`; only their handle attributes are
+    printed, never the module (linear in the ops, not in the text)."""
+    found = [int(m) for o in ops if "channel_handle" in o.attributes
+             for m in re.findall(r"handle = (\d+)", str(o.attributes["channel_handle"]))]
     return max(found, default=0) + 1
 
 
@@ -155,8 +158,9 @@ def _shard(op: Any, axis: str | None) -> None:
     if state_count is None:
         raise PassError(f"@main has no {STATE_COUNT}; run it on a module sgdgen emit produced", main)
     ftype = ir.FunctionType(ir.TypeAttr(main.attributes["function_type"]).value)
-    in_sh = [arg_attrs(main, k)[SHARDING] for k in range(len(ftype.inputs))]
-    out_sh = [arg_attrs(main, k, True)[SHARDING] for k in range(len(ftype.results))]
+    in_types, out_types = list(ftype.inputs), list(ftype.results)  # once: each ftype.inputs builds all N
+    in_sh = [arg_attrs(main, k)[SHARDING] for k in range(len(in_types))]
+    out_sh = [arg_attrs(main, k, True)[SHARDING] for k in range(len(out_types))]
     layouts = [_layout(s, f"argument {k}", main, mesh, allow_unreduced=k >= state_count) for k, s in enumerate(in_sh)]
 
     classes = _propagate(ops[:-1])
@@ -174,7 +178,7 @@ def _shard(op: Any, axis: str | None) -> None:
         if any(layouts[s] != layouts[var] for s in slots):
             raise PassError(f"the slots of argument {var} are not laid out like it; the weight update is already "
                             "sharded (run this pass once, on the output of sgd-insert-collectives)", main)
-        shape = tuple(ir.RankedTensorType(ftype.inputs[var]).shape)
+        shape = tuple(ir.RankedTensorType(in_types[var]).shape)
         plan = shard_plan(shape, layouts[var], mesh.sizes, axis)
         if plan is None:
             already.append(var)
@@ -185,19 +189,22 @@ def _shard(op: Any, axis: str | None) -> None:
                         "it, or scalars): there is no weight update to shard; drop the pass or name another axis",
                         main)
 
-    c = Collectives(mesh.axes, first_channel=_next_channel(inner))
+    c = Collectives(mesh.axes, first_channel=_next_channel(ops))
     sums_of = _scattered(inner, axis)  # gradients that arrive unreduced over `axis`: reduce-scattered
     scattered: dict[int, ShardPlan] = {k: g.plan for g in groups.values() for k in g.grads if k in sums_of}
     with ir.InsertionPoint.at_block_begin(inner), main.location:
         pid = stablehlo.partition_id()
         coord = stablehlo.convert(ir.RankedTensorType.get([], ir.IntegerType.get_signless(32)),
                                   c.coordinate(pid, axis))
-    new_in, new_out = list(ftype.inputs), list(ftype.results)
+    new_in, new_out = list(in_types), list(out_types)
     in_sh, out_sh = list(in_sh), list(out_sh)
     ret = ops[-1]
     # every group's values and norm partials, read before anything is erased
-    values_of = {root: [r for o in ops[:-1] for r in o.results if rank(r) > 0 and classes.find(r) == root]
-                 for root in groups}
+    values_of: dict[ir.Value, list[ir.Value]] = {root: [] for root in groups}
+    for o in ops[:-1]:  # one walk over the body, each value filed under its class (linear in the ops)
+        for r in o.results:
+            if rank(r) > 0:
+                values_of.get(classes.find(r), []).append(r)
     partials_of = {root: [] for root in groups}
     for p in [o for o in ops if NORM_PARTIAL in o.attributes]:
         source = _source_tensor(p)
@@ -230,9 +237,9 @@ def _shard(op: Any, axis: str | None) -> None:
         sharding = _sharding_text(mesh.name, plan.slot_dims)
         for k in g.slots:
             inner.arguments[k].set_type(_typed(inner.arguments[k].type, slot_local))
-            body_block(main).arguments[k].set_type(_typed(ftype.inputs[k], plan.slot_shape))
-            mc.results[k].set_type(_typed(ftype.results[k], plan.slot_shape))
-            new_in[k], new_out[k] = _typed(ftype.inputs[k], plan.slot_shape), _typed(ftype.results[k], plan.slot_shape)
+            new_in[k], new_out[k] = _typed(in_types[k], plan.slot_shape), _typed(out_types[k], plan.slot_shape)
+            body_block(main).arguments[k].set_type(new_in[k])
+            mc.results[k].set_type(new_out[k])
             in_sh[k] = out_sh[k] = sharding
         # 3. the new variable: all-gathered, unpadded
         with ir.InsertionPoint(ret), ret.location:

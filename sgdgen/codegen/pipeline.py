@@ -16,9 +16,12 @@ from jaxlib.mlir import ir, passmanager
 from sgdgen.errors import PipelineError
 from sgdgen.codegen.ir import make_context
 
-#: stage 0 -> stage 1: fuse, partition, update in place, then tidy up.
+#: stage 0 -> stage 1: fuse, partition, update in place, then tidy up. canonicalize walks
+#: bottom-up: its default top-down walk re-orders the constants it meets mid-block and grew
+#: as N^2 on a weight-update-sharded module (51 s at 6,400 variables; 1.0 s bottom-up).
 DEFAULT_PIPELINE = (
-    "builtin.module(sgd-fuse-step,sgd-insert-collectives,sgd-alias-buffers,canonicalize,cse,symbol-dce)"
+    "builtin.module(sgd-fuse-step,sgd-insert-collectives,sgd-alias-buffers,canonicalize{top-down=false},cse,"
+    "symbol-dce)"
 )
 
 

@@ -8,6 +8,7 @@ and collects the lines of @main.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -27,8 +28,22 @@ def hex_literal(value: float, dtype: str, *, via_float32: bool = False) -> str:
     `via_float32` rounds to float32 first, as `tf.cast(python_float, T)` does for the
     learning rate, momentum and weight decay; without it the double converts straight to T.
     The rounding is `sgdgen.codegen.constants`' own, independent of the reference's casts.
+    A Python float is cached on its bits (0.0 and -0.0 would be one key of a plain cache): the
+    generator asks for the same few constants once per variable per stage. Other reals (ints,
+    fractions, NumPy scalars) are rounded from their exact value, uncached.
     """
+    if type(value) is float:
+        return _hex_literal_of_bits(struct.unpack("<Q", struct.pack("<d", value))[0], dtype, via_float32)
+    return _hex_of(value, dtype, via_float32)
+
+
+def _hex_of(value: Any, dtype: str, via_float32: bool) -> str:
     return constants.hex_bits((constants.cast_bits if via_float32 else constants.to_bits)(value, dtype), dtype)
+
+
+@cache
+def _hex_literal_of_bits(bits: int, dtype: str, via_float32: bool) -> str:
+    return _hex_of(struct.unpack("<d", struct.pack("<Q", bits))[0], dtype, via_float32)
 
 
 def f32_literal(value: float) -> str:

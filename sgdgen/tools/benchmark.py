@@ -497,33 +497,78 @@ def norm_sum(model: Model, *, rounds: int, per_round: int, block: int = 1024) ->
     return out
 
 
-def scale(sizes: tuple[int, ...]) -> dict[str, Any]:
-    """Seconds of each stage before XLA (stage-0 text, the pass pipeline) at each number of
-    variables (mixed small shapes, CONFIG, one device), and the exponent k of a least-squares
-    fit of seconds ~ N^k over the sizes (issue 15 wants every stage linear: k ~ 1)."""
-    from sgdgen.api.sgd import SGD
-    from sgdgen.frontend.spec import Mesh, VarSpec
-    from sgdgen.runtime.program import StepProgram
+def stage_seconds(config: Any, specs: Any, mesh: Any, pipeline: str | None = None) -> dict[str, float]:
+    """CPU seconds (`time.process_time`: the stages are single-threaded) of each stage before
+    XLA for one step: the stage-0 text, parsing and verifying it, each pass of `pipeline` (the
+    default: the config's) on its own, their sum (`passes`) and the whole (`before_xla`)."""
+    from sgdgen.codegen.generate import generate_text
+    from sgdgen.codegen.ir import make_context, parse_module
+    from sgdgen.codegen.pipeline import build_pass_manager, pipeline_for, split_elements
+
+    pipeline = pipeline or pipeline_for(getattr(config, "shard_update_over", None))
+    row: dict[str, float] = {}
+    t0 = time.process_time()
+    text = generate_text(config, specs, mesh)
+    row["stage0"] = time.process_time() - t0
+    ctx = make_context()
+    t0 = time.process_time()
+    module = parse_module(text, ctx)
+    row["parse"] = time.process_time() - t0
+    for element in split_elements(pipeline.removeprefix("builtin.module(").removesuffix(")")):
+        pm = build_pass_manager(f"builtin.module({element})", ctx)
+        t0 = time.process_time()
+        with ctx:
+            pm.run(module.operation)
+        row[element] = time.process_time() - t0
+    row["passes"] = sum(v for k, v in row.items() if k not in ("stage0", "parse"))
+    row["before_xla"] = row["stage0"] + row["parse"] + row["passes"]
+    return row
+
+
+def fit_exponent(sizes: Any, seconds: Any) -> float:
+    """k of the least-squares fit seconds ~ c * N^k (over log N, log seconds): 1 is linear."""
+    return float(np.polyfit(np.log(np.asarray(sizes, float)), np.log(np.maximum(np.asarray(seconds, float), 1e-9)),
+                            1)[0])
+
+
+#: The meshes the scale section runs on: one device, and 2 x 4 with every fourth variable sharded.
+SCALE_MESHES: dict[int, str] = {1: "", 8: "batch=2,model=4"}
+
+
+def scale_specs(n: int, mesh: Any) -> tuple[Any, ...]:
+    """N float32 variables of mixed small shapes; on a mesh with a "model" axis every fourth
+    one whose first dimension divides by it is sharded over it there, the rest replicated."""
+    from sgdgen.frontend.spec import VarSpec
 
     small = [(160, 160), (256,), (64, 96), (96,)]
+    model = dict(mesh.axes).get("model", 0)
+    return tuple(VarSpec.create(f"v{i}", small[i % 4], "float32", mesh,
+                                ["model"] + [None] * (len(small[i % 4]) - 1)
+                                if model and i % 4 == 0 and small[i % 4][0] % model == 0 else None)
+                 for i in range(n))
+
+
+def scale(sizes: tuple[int, ...], runs: int = 1, devices: tuple[int, ...] = (1, 8)) -> dict[str, Any]:
+    """CPU seconds of each stage before XLA (stage-0 text, parse, each pass) at each number of
+    variables (`scale_specs`, CONFIG), the fastest of `runs`, on each mesh of `devices`, and the
+    exponent k of a least-squares fit of seconds ~ N^k per stage (issue 15 wants every stage
+    linear: k ~ 1). The top-level figures are the first mesh's."""
+    from sgdgen.api.sgd import SGD
+    from sgdgen.frontend.spec import Mesh
+
     config = SGD(**CONFIG).config
-    mesh = Mesh(())
-    rows: dict[str, list[float]] = {"stage0_s": [], "passes_s": []}
-    _ = StepProgram(config, (VarSpec.create("w", [4], "float32", mesh),), mesh).lowered_text  # templates, MLIR
-    for n in sizes:
-        specs = tuple(VarSpec.create(f"v{i}", small[i % 4], "float32", mesh) for i in range(n))
-        program = StepProgram(config, specs, mesh)
-        t0 = time.perf_counter()
-        _ = program.stage0_text
-        t1 = time.perf_counter()
-        _ = program.lowered_text
-        rows["stage0_s"].append(t1 - t0)
-        rows["passes_s"].append(time.perf_counter() - t1)
-    logn = np.log(np.asarray(sizes, float))
-    out: dict[str, Any] = {"variables": list(sizes), **rows}
-    for stage, secs in rows.items():
-        out[stage.replace("_s", "_exponent")] = float(np.polyfit(logn, np.log(secs), 1)[0])
-    return out
+    by_devices: dict[str, Any] = {}
+    for d in devices:
+        mesh = Mesh(SCALE_MESHES[d] or ())
+        stage_seconds(config, scale_specs(min(sizes), mesh), mesh)  # templates, dialects, code paths warm
+        rows = [{k: min(r[k] for r in rs) for k in rs[0]}
+                for rs in ([stage_seconds(config, scale_specs(n, mesh), mesh) for _ in range(runs)] for n in sizes)]
+        stages = {k: [r[k] for r in rows] for k in rows[0]}
+        by_devices[str(d)] = {"stages_s": stages, "exponents": {k: fit_exponent(sizes, v) for k, v in stages.items()}}
+    first = by_devices[str(devices[0])]
+    return {"variables": list(sizes), "stage0_s": first["stages_s"]["stage0"], "passes_s": first["stages_s"]["passes"],
+            "stage0_exponent": first["exponents"]["stage0"], "passes_exponent": first["exponents"]["passes"],
+            "by_devices": by_devices}
 
 
 # ---- cold start (new processes) -------------------------------------------------------
@@ -659,8 +704,8 @@ def _run(quick: bool, rounds: int | None, per_round: int | None, only: list[str]
                              "norm_sum": norm_sum(few, rounds=rounds, per_round=per_round)}
     if not only or "scale" in only:
         sizes = (50, 100, 200) if quick else (400, 1600, 6400)
-        log(f"scale: stages before XLA at {sizes} variables")
-        result["scale"] = scale(sizes)
+        log(f"scale: stages before XLA at {sizes} variables, 1 and 8 devices")
+        result["scale"] = scale(sizes, runs=1 if quick else 2)
     if not only or "cold" in only:
         log("cold start (new processes)")
         result["cold_start"] = cold_start(all_models["many-small"], quick, 1 if quick else 3)
@@ -715,6 +760,9 @@ def notes(result: dict[str, Any]) -> list[str]:
             f"{x:.2f}" for x in sc["stage0_s"]) + " s, passes " + "/".join(f"{x:.2f}" for x in sc["passes_s"])
             + f" s; fitted exponent stage-0 {sc['stage0_exponent']:.2f}, passes {sc['passes_exponent']:.2f} "
             f"(target ~1: {_verdict(max(sc['stage0_exponent'], sc['passes_exponent']) <= 1.15)})")
+        for d, by in sc.get("by_devices", {}).items():
+            out.append(f"  scale exponent per stage, {d} device(s): " + ", ".join(
+                f"{k} {v:.2f}" for k, v in by["exponents"].items()))
     prog = result.get("program")
     if prog:
         ep, ns = prog["excess_precision"], prog["norm_sum"]
