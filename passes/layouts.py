@@ -240,12 +240,13 @@ def analyze(module: ir.Operation) -> Analysis:
                             "argument and result a #sdy.sharding (sgdgen emit does)", main)
         return d[SHARDING]
 
-    in_sh = [sharding(k, False) for k in range(len(ftype.inputs))]
+    in_types = list(ftype.inputs)  # once: each `ftype.inputs` builds the whole list (quadratic if indexed)
+    in_sh = [sharding(k, False) for k in range(len(in_types))]
     out_sh = [sharding(k, True) for k in range(len(ftype.results))]
     state_count = int_attr(main, STATE_COUNT)
 
     def is_gradient(k: int) -> bool:  # by the calling convention: after the state, not a scalar
-        return state_count is not None and k >= state_count and ir.RankedTensorType(ftype.inputs[k]).rank > 0
+        return state_count is not None and k >= state_count and ir.RankedTensorType(in_types[k]).rank > 0
 
     in_layouts = [_layout(a, f"argument {k}", main, mesh, allow_unreduced=is_gradient(k)) for k, a in enumerate(in_sh)]
     in_unreduced = [unreduced_axes(a) for a in in_sh]
