@@ -49,15 +49,20 @@ class FlatBuffer:
         self._misses = 0
 
     def value(self, k: int) -> Any:
-        """View k's jax.Array, cached until the next `bind`. The first read after a change slices
-        one view (one jitted slice, ~10-40 us); a second one means the views are being read in
-        turn (a forward pass), so every view is sliced at once in one jitted call (`unpack`)."""
+        """View k's jax.Array, cached until the next `bind`. A read slices one view (one jitted
+        slice with the offset an argument: one compile per view shape, ~10-40 us a call). A second
+        read after a change means the views are being read in turn (a forward pass): then every
+        view is sliced at once by one jitted call, once that program exists. It is compiled in the
+        background the first time (XLA takes seconds for a program of 400 slices, which would
+        otherwise land on the first step of a fresh process); until then reads slice one by one."""
         v = self._values[k]
         if v is None:
             self._misses += 1
             if self._misses > 1 and len(self.members) > 2:
-                self._values = [a if a is not None else b for a, b in zip(self._values, self.unpack(self.array))]
-                return self._values[k]
+                whole = _whole_unpacker(self.members, self.shardings, self.array, wait=False)
+                if whole is not None:
+                    self._values = [a if a is not None else b for a, b in zip(self._values, whole(self.array))]
+                    return self._values[k]
             offset, size, shape = self.members[k]
             v = self._values[k] = _slicer(size, shape, self.shardings[k])(self.array, np.int32(offset))
         return v
@@ -65,15 +70,7 @@ class FlatBuffer:
     def unpack(self, flat: Any) -> list[Any]:
         """Every view's array from `flat` (this buffer's array, or one laid out like it, e.g. its
         gradient): one jitted call of static slices, compiled once per layout of views."""
-        key = (self.members, self.shardings)
-        fn = _unpackers.get(key)
-        if fn is None:
-            import jax
-
-            members = self.members
-            fn = _unpackers[key] = jax.jit(lambda x: tuple(x[o:o + s].reshape(shape) for o, s, shape in members),
-                                           out_shardings=self.shardings)
-        return list(fn(flat))
+        return list(_whole_unpacker(self.members, self.shardings, flat, wait=True)(flat))
 
     def host(self) -> np.ndarray:
         """The buffer on the host (on CPU `np.asarray` shares its memory), cached until `bind`."""
@@ -97,7 +94,45 @@ class FlatBuffer:
 
 
 _slicers: dict[tuple[Any, ...], Any] = {}
-_unpackers: dict[tuple[Any, ...], Any] = {}
+_unpackers: dict[tuple[Any, ...], Any] = {}  # (members, shardings, aval) -> compiled whole-buffer unpack
+_compiling: dict[tuple[Any, ...], Any] = {}  # the same key -> Future of its background compile
+
+
+def _whole_unpacker(members: tuple[tuple[int, int, tuple[int, ...]], ...], shardings: tuple[Any, ...], flat: Any,
+                    *, wait: bool) -> Any:
+    """The compiled `flat -> every view` program for this layout of views; with `wait=False`,
+    None while it is still compiling (the compile is started in a background thread on the first
+    ask: it needs only the buffer's shape, dtype and sharding, not its data)."""
+    key = (members, shardings, tuple(flat.shape), str(flat.dtype), flat.sharding)
+    fn = _unpackers.get(key)
+    if fn is not None:
+        return fn
+    future = _compiling.get(key)
+    if future is None:
+        import concurrent.futures
+        import threading
+
+        import jax
+
+        abstract = jax.ShapeDtypeStruct(flat.shape, flat.dtype, sharding=flat.sharding)
+        program = jax.jit(lambda x: tuple(x[o:o + s].reshape(shape) for o, s, shape in members),
+                          out_shardings=shardings)
+        future = _compiling[key] = concurrent.futures.Future()
+
+        def compile_it() -> None:
+            try:
+                future.set_result(program.lower(abstract).compile())
+            except BaseException as e:  # handed to whoever waits for it
+                future.set_exception(e)
+
+        # Not a daemon: a process that ends while it compiles waits for it (XLA aborts the process
+        # when a daemon thread is torn down inside a compile).
+        threading.Thread(target=compile_it, name="sgdgen-unpack-compile").start()
+    if not wait and not future.done():
+        return None
+    fn = _unpackers[key] = future.result()
+    _compiling.pop(key, None)
+    return fn
 
 
 def _slicer(size: int, shape: tuple[int, ...], sharding: Any) -> Any:
