@@ -14,6 +14,7 @@ buckets remove.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,8 @@ from sgdgen.codegen.abi import StepABI
 from sgdgen.frontend.buckets import BucketPlan
 from sgdgen.frontend.zero import pad
 from sgdgen.runtime.executable import put
+
+_tokens = itertools.count()
 
 #: The state roles a flat bucket keeps a buffer for (the ABI's slot roles).
 ROLES = ("variable", "momentum", "average")
@@ -39,7 +42,10 @@ class Buckets:
     plan: BucketPlan
     abi: StepABI
     buffers: list[dict[str, FlatBuffer] | None]
-    _packers: dict[tuple[int, ...], Any] = field(default_factory=dict)
+    _packers: dict[tuple[int, ...], Any] = field(default_factory=dict)  # buckets -> their gradients' shardings
+    _whole: dict[tuple[int, ...], bool] = field(default_factory=dict)
+    _programs: dict[Any, Any] = field(default_factory=dict)  # compiled packers, freed with these buckets
+    _token: int = field(default_factory=lambda: next(_tokens))  # this object's part of a pending compile's key
 
     @classmethod
     def create(cls, plan: BucketPlan, abi: StepABI, variables: Sequence[Variable]) -> Buckets:
@@ -74,25 +80,40 @@ class Buckets:
 
     def pack_gradients(self, buckets: Sequence[int], grads: Sequence[Sequence[Any]]) -> list[Any]:
         """The flat gradients of flat `buckets` from their members' gradients (`grads[i]`: bucket
-        `buckets[i]`'s, in offset order): one jitted call, compiled once per set of buckets."""
+        `buckets[i]`'s, in offset order): one jitted call, compiled once per set of buckets. While
+        that program compiles (in the background: seconds for hundreds of inputs), arrays this
+        process holds whole are packed on the host instead (a concatenate of NumPy views on CPU)."""
+        from sgdgen import backend
+        from sgdgen.runtime import background
+
         key = tuple(buckets)
-        fn = self._packers.get(key)
-        if fn is None:
-            import jax
+        shardings = self._packers.get(key)
+        if shardings is None:
+            shardings = self._packers[key] = tuple(self.abi.inputs[self.abi.index("gradient", b)].layout
+                                                   .named_sharding() for b in key)
+        flat_in = [g for gs in grads for g in gs]
+        sizes = tuple(len(g) for g in grads)
+
+        def pack(*flat: Any) -> tuple[Any, ...]:
             import jax.numpy as jnp
 
-            sizes = [len(g) for g in grads]
-            shardings = tuple(self.abi.inputs[self.abi.index("gradient", b)].layout.named_sharding() for b in key)
+            out, at = [], 0
+            for n in sizes:
+                out.append(jnp.concatenate([jnp.reshape(g, (-1,)) for g in flat[at:at + n]]))
+                at += n
+            return tuple(out)
 
-            def pack(*flat: Any) -> tuple[Any, ...]:
-                out, at = [], 0
-                for n in sizes:
-                    out.append(jnp.concatenate([jnp.reshape(g, (-1,)) for g in flat[at:at + n]]))
-                    at += n
-                return tuple(out)
-
-            fn = self._packers[key] = jax.jit(pack, out_shardings=shardings)
-        return list(fn(*(g for gs in grads for g in gs)))
+        whole = self._whole.get(key)
+        if whole is None:  # whether this process holds every gradient whole (not so across processes)
+            whole = self._whole[key] = all(getattr(g, "is_fully_addressable", True) for g in flat_in)
+        # SGD has checked every gradient against its variable (shape, dtype, layout): the buckets
+        # and this object determine the program's inputs, so the key hashes nothing per variable
+        fn = background.compiled(("pack", self._token, key), pack, lambda: [background.abstract(g) for g in flat_in],
+                                 wait=not whole, store=self._programs, out_shardings=shardings)
+        if fn is not None:
+            return list(fn(*flat_in))
+        return [backend.device_put(np.concatenate([np.reshape(np.asarray(g), (-1,)) for g in gs]), sharding)
+                for gs, sharding in zip(grads, shardings)]
 
     def unpack(self, b: int, flat: Any) -> list[Any]:
         """The members' arrays of flat bucket b from one flat array (one jitted call, cached)."""

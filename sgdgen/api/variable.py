@@ -94,45 +94,17 @@ class FlatBuffer:
 
 
 _slicers: dict[tuple[Any, ...], Any] = {}
-_unpackers: dict[tuple[Any, ...], Any] = {}  # (members, shardings, aval) -> compiled whole-buffer unpack
-_compiling: dict[tuple[Any, ...], Any] = {}  # the same key -> Future of its background compile
 
 
 def _whole_unpacker(members: tuple[tuple[int, int, tuple[int, ...]], ...], shardings: tuple[Any, ...], flat: Any,
                     *, wait: bool) -> Any:
     """The compiled `flat -> every view` program for this layout of views; with `wait=False`,
-    None while it is still compiling (the compile is started in a background thread on the first
-    ask: it needs only the buffer's shape, dtype and sharding, not its data)."""
-    key = (members, shardings, tuple(flat.shape), str(flat.dtype), flat.sharding)
-    fn = _unpackers.get(key)
-    if fn is not None:
-        return fn
-    future = _compiling.get(key)
-    if future is None:
-        import concurrent.futures
-        import threading
+    None while it is still compiling in the background (sgdgen.runtime.background)."""
+    from sgdgen.runtime import background
 
-        import jax
-
-        abstract = jax.ShapeDtypeStruct(flat.shape, flat.dtype, sharding=flat.sharding)
-        program = jax.jit(lambda x: tuple(x[o:o + s].reshape(shape) for o, s, shape in members),
-                          out_shardings=shardings)
-        future = _compiling[key] = concurrent.futures.Future()
-
-        def compile_it() -> None:
-            try:
-                future.set_result(program.lower(abstract).compile())
-            except BaseException as e:  # handed to whoever waits for it
-                future.set_exception(e)
-
-        # Not a daemon: a process that ends while it compiles waits for it (XLA aborts the process
-        # when a daemon thread is torn down inside a compile).
-        threading.Thread(target=compile_it, name="sgdgen-unpack-compile").start()
-    if not wait and not future.done():
-        return None
-    fn = _unpackers[key] = future.result()
-    _compiling.pop(key, None)
-    return fn
+    key = ("unpack", members, shardings, tuple(flat.shape), str(flat.dtype), flat.sharding)
+    return background.compiled(key, lambda x: tuple(x[o:o + s].reshape(shape) for o, s, shape in members),
+                               lambda: [background.abstract(flat)], wait=wait, out_shardings=shardings)
 
 
 def _slicer(size: int, shape: tuple[int, ...], sharding: Any) -> Any:
