@@ -44,6 +44,7 @@ class Buckets:
     buffers: list[dict[str, FlatBuffer] | None]
     _packers: dict[tuple[int, ...], Any] = field(default_factory=dict)  # buckets -> their gradients' shardings
     _whole: dict[tuple[int, ...], bool] = field(default_factory=dict)
+    _calls: dict[tuple[int, ...], int] = field(default_factory=dict)
     _programs: dict[Any, Any] = field(default_factory=dict)  # compiled packers, freed with these buckets
     _token: int = field(default_factory=lambda: next(_tokens))  # this object's part of a pending compile's key
 
@@ -81,9 +82,9 @@ class Buckets:
     def pack_gradients(self, buckets: Sequence[int], grads: Sequence[Sequence[Any]]) -> list[Any]:
         """The flat gradients of flat `buckets` from their members' gradients (`grads[i]`: bucket
         `buckets[i]`'s, in offset order): one jitted call, compiled once per set of buckets. While
-        that program compiles (in the background: seconds for hundreds of inputs), arrays this
-        process holds whole are packed on the host instead (a concatenate of NumPy views on CPU)."""
-        from sgdgen import backend
+        that program compiles (in the background, from the second call on: seconds for hundreds of
+        inputs), arrays this process holds whole are packed on the host instead (a concatenate of
+        NumPy views on CPU)."""
         from sgdgen.runtime import background
 
         key = tuple(buckets)
@@ -106,12 +107,22 @@ class Buckets:
         whole = self._whole.get(key)
         if whole is None:  # whether this process holds every gradient whole (not so across processes)
             whole = self._whole[key] = all(getattr(g, "is_fully_addressable", True) for g in flat_in)
+        calls = self._calls[key] = self._calls.get(key, 0) + 1
+        if whole and calls == 1:  # a one-step process never pays for the packer's compile
+            return self._host_pack(grads, shardings)
         # SGD has checked every gradient against its variable (shape, dtype, layout): the buckets
         # and this object determine the program's inputs, so the key hashes nothing per variable
         fn = background.compiled(("pack", self._token, key), pack, lambda: [background.abstract(g) for g in flat_in],
                                  wait=not whole, store=self._programs, out_shardings=shardings)
         if fn is not None:
             return list(fn(*flat_in))
+        return self._host_pack(grads, shardings)
+
+    @staticmethod
+    def _host_pack(grads: Sequence[Sequence[Any]], shardings: Sequence[Any]) -> list[Any]:
+        """The flat gradients through the host: NumPy views (on CPU) concatenated, one transfer each."""
+        from sgdgen import backend
+
         return [backend.device_put(np.concatenate([np.reshape(np.asarray(g), (-1,)) for g in gs]), sharding)
                 for gs, sharding in zip(grads, shardings)]
 

@@ -40,6 +40,8 @@ class FlatBuffer:
         self._values: list[Any] = [None] * len(self.members)
         self._host: np.ndarray | None = None
         self._misses = 0  # view reads since the last bind that were not cached
+        self._sweeps = 0  # binds after which the views were read in turn (more than one miss)
+        self._cpu: bool | None = None
 
     def bind(self, array: Any) -> None:
         """The buffer's new array (no copy); the views' cached values are invalidated."""
@@ -51,21 +53,37 @@ class FlatBuffer:
     def value(self, k: int) -> Any:
         """View k's jax.Array, cached until the next `bind`. A read slices one view (one jitted
         slice with the offset an argument: one compile per view shape, ~10-40 us a call). A second
-        read after a change means the views are being read in turn (a forward pass): then every
-        view is sliced at once by one jitted call, once that program exists. It is compiled in the
-        background the first time (XLA takes seconds for a program of 400 slices, which would
-        otherwise land on the first step of a fresh process); until then reads slice one by one."""
+        read after a change means the views are being read in turn (a forward pass): from the
+        second such step on, every view is sliced at once by one jitted call, once that program
+        exists. It is compiled in the background (XLA takes seconds for a program of 400 slices,
+        which would otherwise land on an early step); until then reads slice one by one."""
         v = self._values[k]
         if v is None:
             self._misses += 1
-            if self._misses > 1 and len(self.members) > 2:
+            if self._misses == 2 and len(self.members) > 2:
+                self._sweeps += 1  # one more step whose views are read in turn
+            if self._misses > 1 and len(self.members) > 2 and self._sweeps > 1:  # not in a one-step process
                 whole = _whole_unpacker(self.members, self.shardings, self.array, wait=False)
                 if whole is not None:
                     self._values = [a if a is not None else b for a, b in zip(self._values, whole(self.array))]
                     return self._values[k]
+            if self._sweeps < 2 and self._on_cpu():
+                # early steps on CPU: a copy of the host view placed as the variable, ~40 us and no
+                # compile, which a fresh process would pay on its first step (a copy: a placed view
+                # could share the bucket's memory, which the next step donates)
+                v = self._values[k] = backend.device_put(np.array(self.numpy(k), copy=True), self.shardings[k])
+                return v
             offset, size, shape = self.members[k]
             v = self._values[k] = _slicer(size, shape, self.shardings[k])(self.array, np.int32(offset))
         return v
+
+    def _on_cpu(self) -> bool:
+        """Whether the buffer lives on CPU devices this process holds whole (host views are free)."""
+        if self._cpu is None:
+            sharding = self.array.sharding
+            self._cpu = bool(getattr(self.array, "is_fully_addressable", True)) and all(
+                d.platform == "cpu" for d in sharding.device_set)
+        return self._cpu
 
     def unpack(self, flat: Any) -> list[Any]:
         """Every view's array from `flat` (this buffer's array, or one laid out like it, e.g. its
