@@ -116,8 +116,13 @@ def device_put(value: Any, sharding: Any, *, copy: bool = False) -> Any:
     """
     import jax
 
+    # Host data is always copied into buffers the runtime owns. On CPU, jax may otherwise wrap a
+    # NumPy array's memory (zero copy): such a buffer cannot be donated in place, so its step result
+    # lands elsewhere, and once the NumPy memory is freed and reused the executable's remembered
+    # addresses (runtime/executable.py) would report two state arrays sharing one buffer.
+    host = not isinstance(value, jax.Array)
     with jax.enable_x64(True):
-        return jax.device_put(value, sharding, may_alias=False if copy else None)
+        return jax.device_put(value, sharding, may_alias=False if copy or host else None)
 
 
 def buffer_pointers(array: Any) -> tuple[int, ...]:
