@@ -250,12 +250,10 @@ def test_artifact_round_trip(tmp_path) -> None:
     opt.build(vs)
     opt.save_artifact(tmp_path / "art")
     fresh = _model(False)
-    # this dtype has a decayed and an excluded flat bucket: the exclusions must be given
-    with pytest.raises(ArtifactError, match="exclude_from_weight_decay"):
-        sgdgen.SGD.load_artifact(tmp_path / "art", fresh)
-    excluded = [v for i, v in enumerate(fresh) if i in BIAS]
-    loaded = sgdgen.SGD.load_artifact(tmp_path / "art", fresh, exclude_from_weight_decay=excluded)
+    # this dtype has a decayed and an excluded flat bucket: the manifest records each member's flag
+    loaded = sgdgen.SGD.load_artifact(tmp_path / "art", fresh)
     assert loaded.config.buckets and loaded._flat.plan.buckets == opt._flat.plan.buckets
+    assert loaded._flat.plan.variables == opt._flat.plan.variables  # decay flags included
     rng_a, rng_b = np.random.default_rng(9), np.random.default_rng(9)
     for k in range(3):
         opt.apply_gradients(zip(_grads(vs, rng_a, k), vs))
@@ -267,6 +265,40 @@ def test_artifact_round_trip(tmp_path) -> None:
     with pytest.raises(ArtifactError):
         sgdgen.SGD.load_artifact(tmp_path / "art", other,
                                  exclude_from_weight_decay=[v for i, v in enumerate(other) if i in BIAS])
+
+
+def test_an_artifact_without_recorded_members_needs_the_exclusions(tmp_path) -> None:
+    """Artifacts written before `members` was recorded (format 2 without it): where a dtype has a
+    decayed and an excluded flat bucket the exclusions must be given, and then it loads."""
+    from sgdgen.io import artifact
+    from sgdgen.runtime.program import StepProgram
+
+    opt, vs = _train(CONFIGS["momentum_nesterov_wd"], True, mixed=False, steps=0)
+    opt.build(vs)
+    artifact.write(StepProgram(opt.config, opt._flat.plan.buckets, opt.mesh), tmp_path / "old", platforms=())
+    assert "members" not in artifact.read(tmp_path / "old").manifest.to_json()
+    fresh = _model(False)
+    with pytest.raises(ArtifactError, match="exclude_from_weight_decay"):
+        sgdgen.SGD.load_artifact(tmp_path / "old", fresh)
+    excluded = [v for i, v in enumerate(fresh) if i in BIAS]
+    loaded = sgdgen.SGD.load_artifact(tmp_path / "old", fresh, exclude_from_weight_decay=excluded)
+    assert loaded._flat.plan.buckets == opt._flat.plan.buckets
+
+
+def test_recorded_members_are_bound_to_the_module(tmp_path) -> None:
+    """Editing a member's decay flag in manifest.json breaks the binding: refused at load."""
+    import json
+
+    opt, vs = _train(CONFIGS["momentum_nesterov_wd"], True, mixed=False, steps=0)
+    opt.build(vs)
+    opt.save_artifact(tmp_path / "art", platforms=())
+    path = tmp_path / "art" / "manifest.json"
+    data = json.loads(path.read_text())
+    k = sorted(BIAS)[0]
+    data["members"][k]["decay"] = not data["members"][k]["decay"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ArtifactError):
+        sgdgen.SGD.load_artifact(tmp_path / "art", _model(False))
 
 
 def test_the_bucketed_step_takes_a_handful_of_arguments() -> None:

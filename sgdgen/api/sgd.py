@@ -848,10 +848,10 @@ class SGD:
             raise ValueError(f"learning_rate: the custom schedule {type(lr).__name__} is evaluated on the host each "
                              "step and cannot be stored in an artifact; use a float or one of "
                              f"{', '.join(schedules.SCHEDULES)}")
-        if self._flat is not None:  # the bucketed program, over all buckets
+        if self._flat is not None:  # the bucketed program, over all buckets, and the variables they hold
             program = StepProgram(self._config, self._flat.plan.buckets, self.mesh)
-        else:
-            program = self._program(self._tracked, self._config, self._decay_flags(self._tracked))
+            return artifact.write(program, path, platforms=platforms, members=self._flat.plan.variables)
+        program = self._program(self._tracked, self._config, self._decay_flags(self._tracked))
         return artifact.write(program, path, platforms=platforms)
 
     @classmethod
@@ -872,7 +872,15 @@ class SGD:
         if exclude_from_weight_decay is not None:
             excluded = {v._unique_id for v in exclude_from_weight_decay}
             decay = [v._unique_id not in excluded for v in variables]
-        elif opt._config.buckets:
+        elif art.manifest.members is not None:  # a bucketed artifact records each variable's flag
+            recorded = {m.get("name"): m.get("decay", True) for m in art.manifest.members if isinstance(m, dict)}
+            names = _unique_names([v._shared_name for v in variables])
+            missing = [n for n in names if n not in recorded]
+            if missing:
+                raise ArtifactError(f"the artifact's buckets hold no variable named {missing[0]!r} (it holds "
+                                    f"{sorted(recorded)[:5]}...); load it with the variables it was saved with")
+            decay = [bool(recorded[n]) for n in names]
+        elif opt._config.buckets:  # written before members were recorded
             decay = _bucketed_decay(variables, art.program.variables)
         else:
             decay = [v.decay for v in art.program.variables]

@@ -76,7 +76,10 @@ def binding(module_text: bytes, manifest: Manifest) -> str:
     """sha256 of step.mlir and the manifest's description of it (config, mesh, variables, ABI):
     an edit to either side alone is seen at load."""
     h = hashlib.sha256(module_text)
-    h.update(json.dumps([manifest.config, manifest.mesh, manifest.variables, manifest.abi], sort_keys=True).encode())
+    described = [manifest.config, manifest.mesh, manifest.variables, manifest.abi]
+    if manifest.members is not None:  # a bucketed step's variables (absent: the digest of before)
+        described.append(manifest.members)
+    h.update(json.dumps(described, sort_keys=True).encode())
     return h.hexdigest()
 
 
@@ -235,10 +238,11 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
 
 
 def write(program: StepProgram, path: str | os.PathLike[str], *, executable: bool = True,
-          platforms: Sequence[str] | None = None) -> Path:
+          platforms: Sequence[str] | None = None, members: Sequence[Any] | None = None) -> Path:
     """Writes `program`'s artifact to directory `path` atomically (an artifact there is replaced
     as a whole); returns the path. `platforms`: what `step.jaxexport` (the step as a serialized
-    `jax.export.Exported`) is lowered for; default this process's platform, `()` for none."""
+    `jax.export.Exported`) is lowered for; default this process's platform, `()` for none.
+    `members`: for a step over flat buckets, the VarSpecs its buckets were planned from."""
     out = Path(path)
     _check_target(out)
     backend.devices_for(program.mesh.device_ids)  # the mesh's devices exist (a clear error, before any work)
@@ -249,7 +253,8 @@ def write(program: StepProgram, path: str | os.PathLike[str], *, executable: boo
                         sgdgen_version=__version__, stablehlo_target_version=target,
                         **json.loads(json.dumps({"config": program.config.get_config(), "mesh": program.mesh.to_json(),
                                                  "variables": [v.to_json() for v in program.variables],
-                                                 "abi": program.abi.to_json()})))
+                                                 "abi": program.abi.to_json()})),
+                        members=None if members is None else json.loads(json.dumps([v.to_json() for v in members])))
     if platforms is None:
         platforms = (backend.platform_fingerprint()["platform"],)
     if platforms:

@@ -132,6 +132,9 @@ class Manifest:
     #: the step as a serialized jax.export.Exported: {"file": "step.jaxexport", "platforms": [...]};
     #: None when the artifact was written without one (optional since 2026-12-01, format 2).
     jax_export: dict[str, Any] | None = None
+    #: a bucketed step's own variables (VarSpec JSON, the order its plan was made in), of which
+    #: `variables` are the buffers; None otherwise (optional since 2026-12-02, format 2)
+    members: list[Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"format_version": self.format_version,
@@ -139,7 +142,8 @@ class Manifest:
                 "sgdgen_version": self.sgdgen_version, "stablehlo_target_version": self.stablehlo_target_version,
                 "config": self.config, "mesh": self.mesh, "variables": self.variables, "abi": self.abi,
                 "binding": self.binding, "executables": {k: e.to_json() for k, e in self.executables.items()},
-                "files": self.files, **({"jax_export": self.jax_export} if self.jax_export else {})}
+                "files": self.files, **({"jax_export": self.jax_export} if self.jax_export else {}),
+                **({"members": self.members} if self.members is not None else {})}
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), indent=2) + "\n"
@@ -181,4 +185,4 @@ class Manifest:
                    variables=_typed(data, "variables", list, where), abi=abi, executables=executables,
                    files=_str_map(data, "files", where, digest),
                    binding=digest(_typed(data, "binding", str, where), "binding") if fmt >= 2 else None,
-                   jax_export=_jax_export(data, where))
+                   jax_export=_jax_export(data, where), members=_typed(data, "members", list, where, optional=True))

@@ -170,7 +170,16 @@ class StepExecutable:
                                          "state buffer cannot be passed twice: pass distinct arrays")
                 seen[id(a)] = what
         pointers = self._pointers(args)
-        return self._shared(pointers), pointers
+        try:
+            return self._shared(pointers), pointers
+        except StepInputError:
+            # Remembered addresses can be stale: a result is assumed to live in its donated
+            # argument's buffer, but PJRT copies instead when something else held that buffer (a
+            # NumPy view from np.asarray), and the old address may since belong to another array.
+            # Ask every argument for its addresses before refusing; forget the assumption.
+            self._results_alias = False
+            fresh = [backend.buffer_pointers(a) if size else () for a, size in zip(args, self.in_sizes)]
+            return self._shared(fresh), fresh
 
     def _pointers(self, args: Sequence[Any]) -> list[tuple[int, ...]]:
         """Each argument's shard buffer addresses (none for an empty array: it has no memory)."""
