@@ -23,7 +23,7 @@ import numpy as np
 
 from sgdgen.api.variable import FlatBuffer, Variable
 from sgdgen.codegen.abi import StepABI
-from sgdgen.frontend.buckets import BucketPlan
+from sgdgen.frontend.buckets import BucketPlan, concat
 from sgdgen.frontend.zero import pad
 from sgdgen.runtime.executable import put
 
@@ -42,7 +42,7 @@ class Buckets:
     plan: BucketPlan
     abi: StepABI
     buffers: list[dict[str, FlatBuffer] | None]
-    _packers: dict[tuple[int, ...], Any] = field(default_factory=dict)  # buckets -> their gradients' shardings
+    _grad_shardings: dict[tuple[int, ...], Any] = field(default_factory=dict)  # buckets -> their gradients' shardings
     _whole: dict[tuple[int, ...], bool] = field(default_factory=dict)
     _calls: dict[tuple[int, ...], int] = field(default_factory=dict)
     _programs: dict[Any, Any] = field(default_factory=dict)  # compiled packers, freed with these buckets
@@ -59,7 +59,7 @@ class Buckets:
                 continue
             members = [(plan.members[k].offset, plan.members[k].size, plan.members[k].shape) for k in ks]
             shardings = [variables[k].layout.named_sharding() for k in ks]
-            packed = np.concatenate([np.reshape(np.asarray(variables[k].numpy()), (-1,)) for k in ks])
+            packed = concat([variables[k].numpy() for k in ks])
             roles = {"variable": put(abi.slot("variable", b), packed),
                      "momentum": put(abi.slot("momentum", b), np.zeros(abi.slot("momentum", b).shape))}
             if abi.use_ema:
@@ -68,7 +68,7 @@ class Buckets:
         for b, ks in enumerate(plan.contents):
             if buffers[b] is not None:
                 for j, k in enumerate(ks):
-                    variables[k]._view_of(buffers[b]["variable"], j, variables[k].dtype)
+                    variables[k]._view_of(buffers[b]["variable"], j)
         return cls(plan, abi, buffers)
 
     def flat(self, b: int) -> bool:
@@ -76,8 +76,7 @@ class Buckets:
 
     def where(self, k: int) -> tuple[int, int]:
         """(bucket, position within the bucket) of variable k."""
-        b = self.plan.members[k].bucket
-        return b, self.plan.contents[b].index(k)
+        return self.plan.members[k].bucket, self.plan.positions[k]
 
     def pack_gradients(self, buckets: Sequence[int], grads: Sequence[Sequence[Any]]) -> list[Any]:
         """The flat gradients of flat `buckets` from their members' gradients (`grads[i]`: bucket
@@ -88,9 +87,9 @@ class Buckets:
         from sgdgen.runtime import background
 
         key = tuple(buckets)
-        shardings = self._packers.get(key)
+        shardings = self._grad_shardings.get(key)
         if shardings is None:
-            shardings = self._packers[key] = tuple(self.abi.inputs[self.abi.index("gradient", b)].layout
+            shardings = self._grad_shardings[key] = tuple(self.abi.inputs[self.abi.index("gradient", b)].layout
                                                    .named_sharding() for b in key)
         flat_in = [g for gs in grads for g in gs]
         sizes = tuple(len(g) for g in grads)
@@ -98,11 +97,8 @@ class Buckets:
         def pack(*flat: Any) -> tuple[Any, ...]:
             import jax.numpy as jnp
 
-            out, at = [], 0
-            for n in sizes:
-                out.append(jnp.concatenate([jnp.reshape(g, (-1,)) for g in flat[at:at + n]]))
-                at += n
-            return tuple(out)
+            starts = np.cumsum((0, *sizes))
+            return tuple(concat(flat[a:b], jnp) for a, b in zip(starts[:-1], starts[1:]))
 
         whole = self._whole.get(key)
         if whole is None:  # whether this process holds every gradient whole (not so across processes)
@@ -123,8 +119,7 @@ class Buckets:
         """The flat gradients through the host: NumPy views (on CPU) concatenated, one transfer each."""
         from sgdgen import backend
 
-        return [backend.device_put(np.concatenate([np.reshape(np.asarray(g), (-1,)) for g in gs]), sharding)
-                for gs, sharding in zip(grads, shardings)]
+        return [backend.device_put(concat([np.asarray(g) for g in gs]), sharding) for gs, sharding in zip(grads, shardings)]
 
     def unpack(self, b: int, flat: Any) -> list[Any]:
         """The members' arrays of flat bucket b from one flat array (one jitted call, cached)."""
@@ -135,7 +130,7 @@ class Buckets:
         b, j = self.where(k)
         v = self.plan.variables[k]
         buffer = self.buffers[b][role]
-        return Variable.view(buffer, j, name=name, layout=v.layout, dtype=buffer.array.dtype)
+        return Variable.view(buffer, j, name=name, layout=v.layout)
 
 
 def assign_all(owners: Sequence[Variable], values: Sequence[Any]) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from sgdgen import backend
+from sgdgen.frontend.buckets import slices
 from sgdgen.frontend.zero import unpad
 from sgdgen.frontend.spec import Layout, Mesh, SpecError, canonical_dtype, numpy_dtype
 
@@ -42,6 +43,7 @@ class FlatBuffer:
         self._misses = 0  # view reads since the last bind that were not cached
         self._sweeps = 0  # binds after which the views were read in turn (more than one miss)
         self._cpu: bool | None = None
+        self._unpack_key: tuple[Any, ...] | None = None  # the whole-buffer unpack's key (fixed layout)
 
     def bind(self, array: Any) -> None:
         """The buffer's new array (no copy); the views' cached values are invalidated."""
@@ -63,7 +65,7 @@ class FlatBuffer:
             if self._misses == 2 and len(self.members) > 2:
                 self._sweeps += 1  # one more step whose views are read in turn
             if self._misses > 1 and len(self.members) > 2 and self._sweeps > 1:  # not in a one-step process
-                whole = _whole_unpacker(self.members, self.shardings, self.array, wait=False)
+                whole = self._whole(self.array, wait=False)
                 if whole is not None:
                     self._values = [a if a is not None else b for a, b in zip(self._values, whole(self.array))]
                     return self._values[k]
@@ -88,7 +90,21 @@ class FlatBuffer:
     def unpack(self, flat: Any) -> list[Any]:
         """Every view's array from `flat` (this buffer's array, or one laid out like it, e.g. its
         gradient): one jitted call of static slices, compiled once per layout of views."""
-        return list(_whole_unpacker(self.members, self.shardings, flat, wait=True)(flat))
+        return list(self._whole(flat, wait=True)(flat))
+
+    def _whole(self, flat: Any, *, wait: bool) -> Any:
+        """The compiled `flat -> every view` program for this buffer's layout of views; with
+        `wait=False`, None while it still compiles in the background (sgdgen.runtime.background).
+        Its key is made once: asked on every uncached read while it compiles, it must not hash
+        every view's offset and sharding each time."""
+        from sgdgen.runtime import background
+
+        if self._unpack_key is None:
+            self._unpack_key = ("unpack", self.members, self.shardings, tuple(flat.shape), str(flat.dtype),
+                                flat.sharding)
+        members = self.members
+        return background.compiled(self._unpack_key, lambda x: tuple(slices(x, members)),
+                                   lambda: [background.abstract(flat)], wait=wait, out_shardings=self.shardings)
 
     def host(self) -> np.ndarray:
         """The buffer on the host (on CPU `np.asarray` shares its memory), cached until `bind`."""
@@ -98,8 +114,7 @@ class FlatBuffer:
 
     def numpy(self, k: int) -> np.ndarray:
         """View k on the host: a slice of `host()`, no device work."""
-        offset, size, shape = self.members[k]
-        return self.host()[offset:offset + size].reshape(shape)
+        return slices(self.host(), self.members[k:k + 1])[0]
 
     def write(self, values: dict[int, np.ndarray]) -> None:
         """Sets several views at once (host arrays of their shapes and the buffer's dtype): one
@@ -112,17 +127,6 @@ class FlatBuffer:
 
 
 _slicers: dict[tuple[Any, ...], Any] = {}
-
-
-def _whole_unpacker(members: tuple[tuple[int, int, tuple[int, ...]], ...], shardings: tuple[Any, ...], flat: Any,
-                    *, wait: bool) -> Any:
-    """The compiled `flat -> every view` program for this layout of views; with `wait=False`,
-    None while it is still compiling in the background (sgdgen.runtime.background)."""
-    from sgdgen.runtime import background
-
-    key = ("unpack", members, shardings, tuple(flat.shape), str(flat.dtype), flat.sharding)
-    return background.compiled(key, lambda x: tuple(x[o:o + s].reshape(shape) for o, s, shape in members),
-                               lambda: [background.abstract(flat)], wait=wait, out_shardings=shardings)
 
 
 def _slicer(size: int, shape: tuple[int, ...], sharding: Any) -> Any:
@@ -202,19 +206,19 @@ class Variable:
         self._value = self._place(host, dt)
 
     @classmethod
-    def view(cls, buffer: FlatBuffer, k: int, *, name: str, layout: Layout, dtype: Any) -> Variable:
-        """A variable that is view `k` of `buffer` (an optimizer slot in a flat bucket)."""
+    def view(cls, buffer: FlatBuffer, k: int, *, name: str, layout: Layout) -> Variable:
+        """A variable that is view `k` of `buffer` (an optimizer slot in a flat bucket); its shape
+        and dtype are the buffer's for that view."""
         var = cls.__new__(cls)
         var.name, var._shared_name = _canonical_name(name, "Variable")
         var.layout, var.trainable, var.constraint, var._plan = layout, True, None, None
         var._unique_id = next(_ids)
-        var._view_of(buffer, k, np.dtype(dtype))
+        var._view_of(buffer, k)
         return var
 
-    def _view_of(self, buffer: FlatBuffer, k: int, dtype: np.dtype) -> None:
+    def _view_of(self, buffer: FlatBuffer, k: int) -> None:
         """Makes this variable view `k` of `buffer` (its own buffer is dropped)."""
         self._view = (buffer, k)
-        self._view_meta = (tuple(buffer.members[k][2]), dtype)
         self._value = None
 
     @property
@@ -271,13 +275,14 @@ class Variable:
     @property
     def shape(self) -> tuple[int, ...]:
         if self._array is None and self._view is not None:
-            return self._view_meta[0]
+            buffer, k = self._view
+            return tuple(buffer.members[k][2])
         return tuple(self._value.shape)
 
     @property
     def dtype(self) -> np.dtype:
         if self._array is None and self._view is not None:
-            return self._view_meta[1]
+            return np.dtype(self._view[0].array.dtype)
         return np.dtype(self._value.dtype)
 
     @property

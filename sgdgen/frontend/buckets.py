@@ -66,6 +66,15 @@ class BucketPlan:
             out[m.bucket].append(i)
         return tuple(tuple(c) for c in out)
 
+    @cached_property
+    def positions(self) -> tuple[int, ...]:
+        """Per variable, its index within its bucket's `contents` (offset order)."""
+        out = [0] * len(self.members)
+        for ks in self.contents:
+            for j, k in enumerate(ks):
+                out[k] = j
+        return tuple(out)
+
     @property
     def trivial(self) -> bool:
         """Whether every variable keeps its own buffer (the plan changes nothing)."""
@@ -75,29 +84,32 @@ class BucketPlan:
         """The buckets' values from one value per variable (`xp`: numpy or jax.numpy)."""
         if len(values) != len(self.members):
             raise ValueError(f"the plan holds {len(self.members)} variables, got {len(values)} values")
-        out = []
-        for b, ks in enumerate(self.contents):
-            if self.members[ks[0]].own:
-                out.append(values[ks[0]])
-            else:
-                out.append(xp.concatenate([xp.reshape(values[k], (-1,)) for k in ks]))
-        return out
+        return [values[ks[0]] if self.members[ks[0]].own else concat([values[k] for k in ks], xp)
+                for ks in self.contents]
 
     def unpack(self, buckets: Sequence[Any], xp: Any = np) -> list[Any]:
         """One value per variable from the buckets' values (static slices, reshaped)."""
         if len(buckets) != len(self.buckets):
             raise ValueError(f"the plan has {len(self.buckets)} buckets, got {len(buckets)} values")
-        out = []
-        for m in self.members:
-            b = buckets[m.bucket]
-            out.append(b if m.own else xp.reshape(b[m.offset:m.offset + m.size], m.shape))
-        return out
+        return [buckets[m.bucket] if m.own else slices(buckets[m.bucket], [(m.offset, m.size, m.shape)])[0]
+                for m in self.members]
 
     def describe(self) -> str:
         """A one-line summary: "412 variables in 9 buffers (3 flat buckets of 405 variables)"."""
         flat = [c for c in self.contents if not self.members[c[0]].own]
         return (f"{len(self.variables)} variables in {len(self.buckets)} buffers ({len(flat)} flat bucket(s) of "
                 f"{sum(map(len, flat))} variables)")
+
+
+def concat(values: Sequence[Any], xp: Any = np) -> Any:
+    """One flat bucket from its members' values, in offset order (`xp`: numpy or jax.numpy)."""
+    return xp.concatenate([xp.reshape(v, (-1,)) for v in values])
+
+
+def slices(flat: Any, members: Sequence[tuple[int, int, tuple[int, ...]]]) -> list[Any]:
+    """The members' values of a flat bucket: `members[k] = (offset, size, shape)`; static slices,
+    so the same code serves NumPy, jax.Array and traced values."""
+    return [flat[o:o + n].reshape(shape) for o, n, shape in members]
 
 
 def _replicated(layout: Layout) -> bool:
@@ -148,4 +160,4 @@ def plan(variables: Sequence[VarSpec], mesh: Mesh, *, threshold: int = DEFAULT_T
     return BucketPlan(variables, tuple(buckets), tuple(m for m in members if m is not None))
 
 
-__all__ = ["DEFAULT_THRESHOLD", "BucketPlan", "Member", "bucket_name", "plan"]
+__all__ = ["DEFAULT_THRESHOLD", "BucketPlan", "Member", "bucket_name", "concat", "plan", "slices"]

@@ -142,11 +142,6 @@ def _like(x: Any, layout: Layout) -> Any:
     return layout.named_sharding()
 
 
-def _host(x: Any) -> np.ndarray:
-    """A NumPy view (on CPU) or copy of a concrete array."""
-    return np.asarray(x)
-
-
 class FlatParams(NamedTuple):
     """A bucketed step's parameters as its program holds them: one array per buffer (a flat
     bucket, or a large leaf as it is), in `step.plan.buckets` order. A pytree (a NamedTuple)."""
@@ -228,7 +223,7 @@ class JaxStep:
                                      f"{list(m.shape)}")
         if _concrete(leaves):  # eager: through the host (XLA took 14 s to compile a 6,400-way concatenate)
             plan = self.plan
-            packed = plan.pack([x if m.own else _host(x) for x, m in zip(leaves, plan.members)])
+            packed = plan.pack([x if m.own else np.asarray(x) for x, m in zip(leaves, plan.members)])
             return [b if plan.members[c[0]].own else backend.device_put(b, _like(leaves[c[0]], spec.layout))
                     for b, c, spec in zip(packed, plan.contents, plan.buckets)], False
         return self.plan.pack(leaves, jnp), False
@@ -240,7 +235,7 @@ class JaxStep:
 
         if not _concrete(buffers):
             return self.plan.unpack(buffers, jnp)
-        hosts = [b if self.plan.members[c[0]].own else _host(b) for b, c in zip(buffers, self.plan.contents)]
+        hosts = [b if self.plan.members[c[0]].own else np.asarray(b) for b, c in zip(buffers, self.plan.contents)]
         return [v if m.own else backend.device_put(v, _like(buffers[m.bucket], spec.layout))
                 for v, m, spec in zip(self.plan.unpack(hosts), self.plan.members, self.plan.variables)]
 
@@ -257,7 +252,6 @@ class JaxStep:
     def unflatten(self, flat: FlatParams) -> Any:
         """The parameter pytree of a `FlatParams` (static slices: inside a jit, fused into their readers)."""
         import jax
-        import jax.numpy as jnp
 
         buffers, _ = self._buffers(flat, "params")
         leaves = self._unpack(buffers) if self.plan is not None else buffers
