@@ -13,6 +13,7 @@ from collections import Counter
 
 from sgdgen import backend
 from sgdgen.frontend.config import SGDConfig
+from sgdgen.runtime import cpu_kernels
 from sgdgen.runtime.program import StepProgram
 from sgdgen.frontend.spec import Mesh, VarSpec
 
@@ -24,7 +25,7 @@ def main() -> None:
     for clip in ("global_clipnorm", "clipnorm"):
         config = SGDConfig.create(learning_rate=0.1, momentum=0.9, nesterov=True, weight_decay=0.05, use_ema=True,
                                   ema_overwrite_frequency=4, **{clip: 1.0})
-        exe = backend.compile_text(StepProgram(config, specs, mesh).lowered_text, backend.devices_for([0]))
+        exe = cpu_kernels.compile_text(StepProgram(config, specs, mesh).lowered_text, backend.devices_for([0]))
         hlo = backend.hlo_text(exe)
         entry = [line for line in hlo[hlo.index("ENTRY"):].splitlines()[1:] if " = " in line]
         kinds = Counter(m.group(1) for line in entry if (m := re.search(r"= (?:\S+|\(.*?\)) ([\w-]+)\(", line)))

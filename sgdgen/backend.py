@@ -70,9 +70,15 @@ def compile_options(devices: Sequence[Any], *, strict_precision: bool = True) ->
     return opts
 
 
+def on_cpu(devices: Sequence[Any]) -> bool:
+    """Whether `devices` are all XLA CPU devices."""
+    return bool(devices) and all(d.platform == "cpu" for d in devices)
+
+
 def compile_text(text: str, devices: Sequence[Any], *, strict_precision: bool = True) -> Any:
     """Compiles a StableHLO module (text) into a loaded executable on `devices` (see
-    `compile_options` for `strict_precision`)."""
+    `compile_options` for `strict_precision`). sgdgen compiles through
+    sgdgen.runtime.cpu_kernels.compile_text, which gives CPU modules their kernel calls."""
     from jax._src import xla_bridge
     from jax._src.lib import _jax as xc
 
@@ -323,6 +329,15 @@ def lowering_device_count(ctx: Any) -> int:
 
     raise BackendError(f"the step cannot be lowered inside {type(axis_context).__name__} (e.g. pmap or a "
                        "manual shard_map body); call it from jax.jit with sharded arrays instead")
+
+
+def lowering_for_cpu_executable(ctx: Any) -> bool:
+    """Whether the program being lowered is compiled here for CPU alone: not for `jax.export`
+    (whose module must stay portable) nor for several platforms (ModuleContext.platforms and
+    .lowering_parameters.for_export, private fields)."""
+    module_ctx = ctx.module_context
+    params = getattr(module_ctx, "lowering_parameters", None)
+    return tuple(module_ctx.platforms) == ("cpu",) and params is not None and not params.for_export
 
 
 def register_module_call_lowering(primitive: Any, module_text: Any, name: str) -> None:

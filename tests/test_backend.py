@@ -107,9 +107,11 @@ def test_lowering_context_and_compiled_program_fields_exist() -> None:
 
     from sgdgen import backend
 
-    for field in ("module", "symbol_table", "axis_context", "context"):
+    for field in ("module", "symbol_table", "axis_context", "context", "platforms", "lowering_parameters"):
         assert field in mlir_internal.ModuleContext.__dataclass_fields__ or hasattr(
             mlir_internal.ModuleContext, field), f"ModuleContext.{field} is gone: update sgdgen/backend.py"
+    assert "for_export" in mlir_internal.LoweringParameters.__dataclass_fields__, \
+        "LoweringParameters.for_export is gone: update backend.lowering_for_cpu_executable"
     compiled = jax.jit(lambda unused, a: a + 1, donate_argnums=1).lower(jnp.ones(3), jnp.ones(2)).compile()
     assert hasattr(compiled._executable, "_kept_var_idx") and hasattr(compiled._params, "const_args")
     assert backend.kept_argument_indices(compiled) == [None, 0]  # the unused argument was dropped

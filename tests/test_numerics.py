@@ -189,9 +189,9 @@ def test_changing_float_learning_rate_does_not_recompile(monkeypatch):
     compiles = []
     real = backend.compile_text
 
-    def counting(text, devices):
+    def counting(text, devices, **options):
         compiles.append(text)
-        return real(text, devices)
+        return real(text, devices, **options)
 
     monkeypatch.setattr(backend, "compile_text", counting)
     config = SGDConfig.create(learning_rate=0.1, momentum=0.9, weight_decay=0.05, clipnorm=1.0)

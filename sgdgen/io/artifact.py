@@ -51,6 +51,7 @@ from sgdgen.frontend.config import SGDConfig
 from sgdgen.frontend.spec import Mesh, VarSpec
 from sgdgen.io.manifest import (CALLING_CONVENTION_VERSION, FORMAT_VERSION, MIN_FORMAT_VERSION, ArtifactError,
                                 ExecutableEntry, Manifest)
+from sgdgen.runtime import cpu_kernels
 from sgdgen.runtime.executable import StepExecutable, slot_dtype
 from sgdgen.runtime.program import StepProgram
 
@@ -141,10 +142,10 @@ def _random_inputs(step: StepExecutable, seed: int) -> list[Any]:
 def _verified_executable(program: StepProgram, devices: list[Any], platform: dict[str, str], name: str) -> bytes:
     """A fresh compile of the module (named `name`), serialized, with the bytes checked: they
     deserialize to an executable that gives the fresh one's results, bit for bit."""
-    fresh = StepExecutable.wrap(backend.compile_text(_named(program.lowered_text, name), devices),
+    fresh = StepExecutable.wrap(cpu_kernels.compile_text(_named(program.lowered_text, name), devices),
                                 program.abi, program.mesh)
     blob = backend.serialize_executable(fresh.executable)
-    loaded = StepExecutable.wrap(backend.deserialize_executable(blob, devices), program.abi, program.mesh)
+    loaded = StepExecutable.wrap(cpu_kernels.deserialize_executable(blob, devices), program.abi, program.mesh)
     _check_signature(Path("<new artifact>"), loaded, name)
     want, got = fresh(_random_inputs(fresh, 0)), loaded(_random_inputs(loaded, 0))
     for slot, a, b in zip(program.abi.outputs, want, got):
@@ -267,7 +268,7 @@ def write(program: StepProgram, path: str | os.PathLike[str], *, executable: boo
     if executable:
         fp = backend.platform_fingerprint()
         devices = backend.devices_for(program.mesh.device_ids)
-        options = backend.compile_options_summary(devices)
+        options = cpu_kernels.compile_options_summary(devices)
         digest = fingerprint(bound, options)
         entry = ExecutableEntry(file=_executable_name(fp["platform"]), fingerprint=digest, compile_options=options,
                                 **fp)
@@ -355,7 +356,7 @@ class Artifact:
         fp = backend.platform_fingerprint()
         devices = backend.devices_for(self.program.mesh.device_ids)
         entry = self.manifest.executables.get(fp["platform"])
-        why = _unusable(entry, fp, backend.compile_options_summary(devices))
+        why = _unusable(entry, fp, cpu_kernels.compile_options_summary(devices))
         if why is None:
             assert entry is not None and entry.fingerprint is not None
             name = _MODULE_PREFIX + entry.fingerprint
@@ -365,7 +366,7 @@ class Artifact:
             import jax
 
             try:
-                exe = backend.deserialize_executable(blob, devices)
+                exe = cpu_kernels.deserialize_executable(blob, devices)
             except jax.errors.JaxRuntimeError as e:
                 raise ArtifactError(f"{self.path}: {entry.file} does not deserialize ({e}); it was not run: rewrite "
                                     "the artifact, or delete the executable to compile from step.mlirbc") from e
@@ -374,7 +375,7 @@ class Artifact:
             return step
         warnings.warn(f"artifact {self.path}: {why}; rebuilding the step from step.mlirbc "
                       f"(jaxlib {fp['jaxlib']}, {fp['platform']})", stacklevel=2)
-        exe = backend.compile_text(_from_portable(self.blobs["step.mlirbc"]), devices)
+        exe = cpu_kernels.compile_text(_from_portable(self.blobs["step.mlirbc"]), devices)
         return StepExecutable.wrap(exe, self.program.abi, self.program.mesh)
 
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from sgdgen import backend
 from sgdgen.frontend.spec import numpy_dtype
+from sgdgen.runtime import cpu_kernels
 
 if TYPE_CHECKING:
     from sgdgen.runtime.executable import StepExecutable
@@ -113,13 +114,13 @@ class ExecutableCache:
         store = self._disk()
         key = exe = None
         if store is not None:
-            key = hashlib.sha256(program.lowered_text.encode() + b"\0" + backend.cache_key_material(devices, strict_precision=strict))
+            key = hashlib.sha256(program.lowered_text.encode() + b"\0" + cpu_kernels.cache_key_material(devices, strict_precision=strict))
             key = "sgdgen-" + key.hexdigest()
             exe = self._load(store, key, devices)
         if exe is not None:
             self.stats.disk_hits += 1
         else:
-            exe = backend.compile_text(program.lowered_text, devices, strict_precision=strict)
+            exe = cpu_kernels.compile_text(program.lowered_text, devices, strict_precision=strict)
             self.stats.compiles += 1
             if store is not None:
                 self._save(store, key, exe)
@@ -131,7 +132,7 @@ class ExecutableCache:
     def _load(self, store: Any, key: str, devices: Any) -> Any:
         try:
             blob = store.get(key)
-            return None if blob is None else backend.deserialize_executable(backend.decompress(blob), devices)
+            return None if blob is None else cpu_kernels.deserialize_executable(backend.decompress(blob), devices)
         except Exception as e:  # a damaged entry is a miss, never a failed step
             warnings.warn(f"sgdgen: ignoring an unreadable entry of the executable cache ({e})", RuntimeWarning,
                           stacklevel=4)

@@ -27,6 +27,7 @@ from sgdgen import backend
 from sgdgen.codegen.abi import Slot, StepABI
 from sgdgen.errors import BackendError, StepInputError
 from sgdgen.frontend.spec import Mesh, numpy_dtype
+from sgdgen.runtime import cpu_kernels
 
 _MEMO_LIMIT = 1024
 
@@ -95,7 +96,7 @@ class StepExecutable:
         With `in_place` (the default) the executable must alias every state buffer,
         as the lowered module does; stage 0 (no aliasing yet) needs `in_place=False`.
         """
-        exe = backend.compile_text(text, backend.devices_for(mesh.device_ids))
+        exe = cpu_kernels.compile_text(text, backend.devices_for(mesh.device_ids))
         return cls.wrap(exe, abi, mesh, in_place=in_place)
 
     @classmethod

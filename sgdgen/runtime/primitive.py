@@ -95,7 +95,12 @@ def _lowered_module(ctx: Any, *, program: StepProgram) -> str:
         raise BackendError(f"the step was built for mesh {program.mesh or '(one device)'} ({program.mesh.size} "
                            f"device(s)) but the program being compiled runs on {n}; build the step on the "
                            "mesh your jit runs on")
-    return module_text(program)
+    text = module_text(program)
+    if backend.lowering_for_cpu_executable(ctx):  # the same kernel calls as a stand-alone CPU executable
+        from sgdgen.runtime import cpu_kernels
+
+        text = cpu_kernels.rewrite(text)
+    return text
 
 
 @functools.cache

@@ -430,6 +430,7 @@ def excess_precision(model: Model, *, rounds: int, per_round: int) -> dict[str, 
     from sgdgen import backend
     from sgdgen.api.sgd import SGD
     from sgdgen.frontend.spec import Mesh, VarSpec
+    from sgdgen.runtime import cpu_kernels
     from sgdgen.runtime.cache import ExecutableCache
     from sgdgen.runtime.core import Step
     from sgdgen.runtime.executable import StepExecutable
@@ -444,7 +445,7 @@ def excess_precision(model: Model, *, rounds: int, per_round: int) -> dict[str, 
     runs = {}
     for strict in (True, False):
         cache = ExecutableCache(None)
-        exe = backend.compile_text(program.lowered_text, devices, strict_precision=strict)
+        exe = cpu_kernels.compile_text(program.lowered_text, devices, strict_precision=strict)
         cache.put(program, StepExecutable.wrap(exe, program.abi, mesh))
         core = Step(program, cache)
         box = [[jax.device_put(x) for x in init]]

@@ -1,0 +1,166 @@
+"""`sgd-cpu-kernels{min-elements=65536}`: a float32 norm's float64 sum becomes one FFI call.
+
+Runs on the final (stage-1) module, and only when it is compiled for XLA CPU with sgdgen's
+kernel library loaded (`sgdgen.runtime.cpu_kernels`); the portable `step.mlirbc` and every
+other platform keep the plain StableHLO. It rewrites the norm share of SEMANTICS §6 for a
+float32 gradient of at least `min-elements` elements:
+
+    %sq = stablehlo.multiply %g, %g : tensor<...xf32>
+    %w = stablehlo.convert %sq : (tensor<...xf32>) -> tensor<...xf64>
+    %s = stablehlo.reduce(%w init: %zero) applies stablehlo.add across dimensions = [all]
+         : (tensor<...xf64>, tensor<f64>) -> tensor<f64>            (%zero: dense<0.0>)
+
+into
+
+    %s = stablehlo.custom_call @sgdgen_sum_squares_f32(%g) {...} : (tensor<...xf32>) -> tensor<f64>
+
+which computes the same sum (float32 products, accumulated in float64; only the order of the
+float64 additions differs, which §6 leaves free). XLA CPU's float64 reduction is about three
+times slower than its float32 one (docs/numerics.md §3a); the kernel reads the gradient once at
+memory bandwidth. Smaller gradients keep XLA's reduce: a call costs more than their sum.
+Anything else (other dtypes, partial reductions, products of two different values, a
+non-zero init) is left as it is.
+
+A call must see this device's values only: XLA's partitioner knows no sharding rule for it and
+would gather a sharded operand whole. So a sum is rewritten only where its operand is local:
+in a module of one partition (`mhlo.num_partitions = 1`, or none), or inside an
+`sdy.manual_computation` that is manual over every axis of the mesh (what
+`sgd-insert-collectives` builds). A stage-0 module on several devices is left alone.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from jaxlib.mlir import ir
+from jaxlib.mlir.dialects import stablehlo
+
+from sgdgen.passes import register
+from sgdgen.passes.common import PassError, guarded, module_of
+
+NAME = "sgd-cpu-kernels"
+#: the FFI target (csrc/cpu_kernels.cc), registered by sgdgen.runtime.cpu_kernels
+SUM_SQUARES_F32 = "sgdgen_sum_squares_f32"
+#: gradients below this many elements keep XLA's reduce (bench: a call's overhead is a few us)
+DEFAULT_MIN_ELEMENTS = 1 << 16
+
+
+def _owner(v: ir.Value, name: str) -> ir.Operation | None:
+    owner = v.owner
+    if isinstance(owner, ir.Block):
+        return None
+    owner = owner.operation if hasattr(owner, "operation") else owner
+    return owner if owner.name == name else None
+
+
+def _is_zero_f64(v: ir.Value) -> bool:
+    const = _owner(v, "stablehlo.constant")
+    if const is None or ir.RankedTensorType(v.type).element_type != ir.F64Type.get():
+        return False
+    attr = ir.DenseFPElementsAttr(const.attributes["value"])
+    return attr.is_splat and float(attr.get_splat_value().value) == 0.0 and math.copysign(1.0, float(attr.get_splat_value().value)) > 0
+
+
+def _is_add_body(reduce: ir.Operation) -> bool:
+    ops = [o.operation for o in reduce.regions[0].blocks[0].operations]
+    return (len(ops) == 2 and ops[0].name == "stablehlo.add" and ops[1].name == "stablehlo.return"
+            and list(ops[1].operands) == [ops[0].result]
+            and set(ops[0].operands) == set(reduce.regions[0].blocks[0].arguments))
+
+
+def _gradient_of(reduce: ir.Operation, min_elements: int) -> ir.Value | None:
+    """The float32 `g` of a full float64 sum of `convert(g * g)`, else None."""
+    if len(reduce.operands) != 2 or len(reduce.results) != 1:
+        return None
+    wide, init = reduce.operands
+    result_type = ir.RankedTensorType(reduce.results[0].type)
+    if result_type.rank != 0 or result_type.element_type != ir.F64Type.get() or not _is_zero_f64(init):
+        return None
+    wide_type = ir.RankedTensorType(wide.type)
+    if sorted(ir.DenseI64ArrayAttr(reduce.attributes["dimensions"])) != list(range(wide_type.rank)):
+        return None
+    if not _is_add_body(reduce):
+        return None
+    convert = _owner(wide, "stablehlo.convert")
+    if convert is None:
+        return None
+    square = _owner(convert.operands[0], "stablehlo.multiply")
+    if square is None or square.operands[0] != square.operands[1]:
+        return None
+    g = square.operands[0]
+    g_type = ir.RankedTensorType(g.type)
+    if g_type.element_type != ir.F32Type.get() or not g_type.has_static_shape:
+        return None
+    if math.prod(g_type.shape) < min_elements:
+        return None
+    return g
+
+
+def _axis_names(attr: ir.Attribute) -> set[str]:
+    return set(re.findall(r'"([^"]+)"', str(attr)))
+
+
+def _mesh_axes(module: ir.Operation) -> set[str]:
+    axes: set[str] = set()
+    for op in module.regions[0].blocks[0].operations:
+        if op.operation.name == "sdy.mesh":
+            axes |= set(re.findall(r'"([^"]+)"\s*=', str(op.operation.attributes["mesh"])))
+    return axes
+
+
+def _partitions(module: ir.Operation) -> int:
+    if "mhlo.num_partitions" not in module.attributes:
+        return 1
+    return int(ir.IntegerAttr(module.attributes["mhlo.num_partitions"]).value)
+
+
+def _walk(op: ir.Operation, local: bool, mesh_axes: set[str], found: list[ir.Operation]) -> None:
+    """Collects the reduces whose operands are this device's values (see the module docstring)."""
+    for region in op.regions:
+        for block in region.blocks:
+            for child in block.operations:
+                child = child.operation
+                if child.name == "stablehlo.reduce" and local:
+                    found.append(child)
+                inner = local or (child.name == "sdy.manual_computation"
+                                  and mesh_axes <= _axis_names(child.attributes["manual_axes"]))
+                _walk(child, inner, mesh_axes, found)
+
+
+def _erase_if_unused(op: ir.Operation | None) -> None:
+    if op is not None and all(not list(r.uses) for r in op.results):
+        op.erase()
+
+
+def _rewrite(op: Any, **options: str) -> None:
+    """Replaces each large float32 norm sum by a call of the sum-of-squares kernel."""
+    module = module_of(op)
+    min_elements = options.get("min-elements", str(DEFAULT_MIN_ELEMENTS))
+    try:
+        threshold = int(min_elements)
+    except ValueError:
+        threshold = -1
+    if threshold < 0:
+        raise PassError(f"min-elements must be a non-negative integer, got {min_elements!r}", module)
+    reduces: list[ir.Operation] = []
+    _walk(module, _partitions(module) == 1, _mesh_axes(module), reduces)
+    f64 = ir.RankedTensorType.get([], ir.F64Type.get())
+    for reduce in reduces:
+        g = _gradient_of(reduce, threshold)
+        if g is None:
+            continue
+        convert = _owner(reduce.operands[0], "stablehlo.convert")
+        square = _owner(convert.operands[0], "stablehlo.multiply")
+        with ir.InsertionPoint(reduce), reduce.location:
+            call = stablehlo.CustomCallOp([f64], [g], SUM_SQUARES_F32, backend_config=ir.StringAttr.get(""))
+            call.attributes["mhlo.backend_config"] = ir.DictAttr.get({})  # typed FFI, as jax.ffi.ffi_call
+        reduce.results[0].replace_all_uses_with(call.result)
+        reduce.erase()
+        _erase_if_unused(convert)
+        _erase_if_unused(square)
+
+
+run = register(NAME, "float32 norm sums -> one XLA FFI kernel call (CPU executables only)",
+               options=("min-elements",))(guarded(NAME, _rewrite))
