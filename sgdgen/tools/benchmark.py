@@ -465,11 +465,15 @@ def excess_precision(model: Model, *, rounds: int, per_round: int) -> dict[str, 
 
 
 def norm_sum(model: Model, *, rounds: int, per_round: int, block: int = 1024) -> dict[str, Any]:
-    """The global norm's sum of squares three ways (float64; float32 partial sums per `block`
-    elements combined in float64; plain float32), timed interleaved, each with its error against
-    the exact sum (float32 squares are exact in float64; math.fsum rounds their sum once)."""
+    """The global norm's sum of squares four ways (float64 in XLA; float64 in sgdgen's CPU kernel,
+    which CPU executables call; float32 partial sums per `block` elements combined in float64;
+    plain float32), timed interleaved, each with its error against the exact sum (float32
+    squares are exact in float64; math.fsum rounds their sum once)."""
     import jax
     import jax.numpy as jnp
+
+    from sgdgen.passes.cpu_kernels import SUM_SQUARES_F32
+    from sgdgen.runtime import cpu_kernels
 
     _, grads_host = _inputs(model)
     exact = math.sqrt(math.fsum(float(v) for g in grads_host for v in np.square(g.astype(np.float64)).ravel()))
@@ -487,7 +491,13 @@ def norm_sum(model: Model, *, rounds: int, per_round: int, block: int = 1024) ->
         def narrow(g: list[Any]) -> Any:
             return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in g))
 
+        def kernel(g: list[Any]) -> Any:
+            call = jax.ffi.ffi_call(SUM_SQUARES_F32, jax.ShapeDtypeStruct((), jnp.float64))
+            return jnp.sqrt(sum(call(x) for x in g)).astype(jnp.float32)
+
         fns = {"float64": wide, "float32_blocked": blocked, "float32": narrow}
+        if cpu_kernels.available() and jax.default_backend() == "cpu":
+            fns["float64_kernel"] = kernel
         compiled = {n: jax.jit(f).lower(grads).compile() for n, f in fns.items()}
         steps = {n: (lambda c=c: c(grads).block_until_ready()) for n, c in compiled.items()}
         times = interleaved(steps, rounds, per_round)
@@ -770,8 +780,8 @@ def notes(result: dict[str, Any]) -> list[str]:
         out.append(f"float32 {ep['model']} step: strict precision {ep['strict']['median_ms']:.2f} ms, excess allowed "
                    f"{ep['excess_allowed']['median_ms']:.2f} ms (saved {ep['saved_ms']:.2f} ms)")
         out.append("global-norm sum on " + ns["model"] + ": " + ", ".join(
-            f"{k} {ns[k]['median_ms']:.2f} ms ({ns[k]['error_ulp']:.2f} ulp)" for k in ("float64", "float32_blocked",
-                                                                                       "float32")))
+            f"{k} {ns[k]['median_ms']:.2f} ms ({ns[k]['error_ulp']:.2f} ulp)"
+            for k in ("float64", "float64_kernel", "float32_blocked", "float32") if k in ns))
     return out
 
 
