@@ -9,6 +9,7 @@ It sits below every stage of the pipeline (codegen and the passes use its MLIR h
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -143,9 +144,16 @@ def put_host(values: Sequence[Any], shardings: Sequence[Any], *, share: bool = F
             out.append(device_put(np.array(x, copy=True), sharding))
             continue
         devices = list(sharding._addressable_device_assignment)
-        out.append(xc.batched_device_put(shaped_array(x.shape, x.dtype), sharding, [x] * len(devices), devices,
+        out.append(xc.batched_device_put(_host_aval(x.shape, x.dtype), sharding, [x] * len(devices), devices,
                                          True, not share, enable_x64=True))
     return out
+
+
+@functools.lru_cache(maxsize=1024)
+def _host_aval(shape: tuple[int, ...], dtype: np.dtype) -> Any:
+    """One abstract value per shape and dtype for `put_host`'s arrays (immutable; jax's result
+    handlers share one likewise): 400 variables make 4 objects, not 400, to create and collect."""
+    return shaped_array(shape, dtype)
 
 
 def buffer_pointers(array: Any) -> tuple[int, ...]:

@@ -152,9 +152,9 @@ def assign_all(owners: Sequence[Variable], values: Sequence[Any]) -> None:
     bucket are written into it, one write per buffer however many of its views change."""
     writes: dict[int, tuple[FlatBuffer, dict[int, Any]]] = {}
     for owner, value in zip(owners, values, strict=True):
-        if owner._view is not None:
-            buffer, k = owner._view
-            writes.setdefault(id(buffer), (buffer, {}))[1][k] = value
+        buffer = owner._view
+        if buffer is not None:
+            writes.setdefault(id(buffer), (buffer, {}))[1][owner._view_index] = value
         else:
             owner._bind(value)
     for buffer, vals in writes.values():

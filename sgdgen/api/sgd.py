@@ -481,7 +481,7 @@ class SGD:
             if v._unique_id in seen:
                 raise ValueError(f"variable {v.name!r} appears twice in grads_and_vars; give each variable once")
             seen[v._unique_id] = v.name
-        present = [(g, v) for g, v in pairs if g is not None]
+        present = [(g, v) for g, v in pairs if g is not None] if any(g is None for g in grads) else pairs
         placed = [self._place_gradient(g, v) for g, v in present]  # checks before any state changes
         stepped = [v for _, v in present]
         decay = self._decay_flags(stepped)

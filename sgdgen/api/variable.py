@@ -222,7 +222,7 @@ class Variable:
         self._unique_id = next(_ids)
         self.constraint = constraint
         self._plan: Any = None  # a weight-update-sharded slot's padding (sgdgen.frontend.zero), set by SGD.build
-        self._view: tuple[FlatBuffer, int] | None = None  # (buffer, index) when a view of a flat bucket
+        self._view: FlatBuffer | None = None  # the flat bucket's buffer when a view of one (view `_view_index` of it)
         self._value = self._place(host, dt)
 
     @classmethod
@@ -238,15 +238,14 @@ class Variable:
 
     def _view_of(self, buffer: FlatBuffer, k: int) -> None:
         """Makes this variable view `k` of `buffer` (its own buffer is dropped)."""
-        self._view = (buffer, k)
+        self._view, self._view_index = buffer, k  # two fields, no tuple: a build makes one view per variable and slot
         self._value = None
 
     @property
     def _value(self) -> Any:
         a = self._array
         if a is None and self._view is not None:
-            buffer, k = self._view
-            return buffer.value(k)
+            return self._view.value(self._view_index)
         return a
 
     @_value.setter
@@ -275,8 +274,7 @@ class Variable:
     def numpy(self) -> np.ndarray:
         """The value on the host; a padded (weight-update-sharded) slot shows its logical value."""
         if self._array is None and self._view is not None:
-            buffer, k = self._view
-            return buffer.numpy(k)
+            return self._view.numpy(self._view_index)
         return unpad(self._plan, np.asarray(self._value))
 
     def assign(self, value: Any) -> Variable:
@@ -286,8 +284,7 @@ class Variable:
             raise SpecError(f"variable {self._shared_name!r}: cannot assign a value of shape {list(shape)} to a "
                             f"variable of shape {list(self.shape)}")
         if self._view is not None:
-            buffer, k = self._view
-            buffer.write({k: np.asarray(value, dtype=self.dtype)})
+            self._view.write({self._view_index: np.asarray(value, dtype=self.dtype)})
         else:
             self._value = self._place(value, self.dtype)
         return self
@@ -295,14 +292,13 @@ class Variable:
     @property
     def shape(self) -> tuple[int, ...]:
         if self._array is None and self._view is not None:
-            buffer, k = self._view
-            return tuple(buffer.members[k][2])
+            return tuple(self._view.members[self._view_index][2])
         return tuple(self._value.shape)
 
     @property
     def dtype(self) -> np.dtype:
         if self._array is None and self._view is not None:
-            return np.dtype(self._view[0].array.dtype)
+            return np.dtype(self._view.array.dtype)
         return np.dtype(self._value.dtype)
 
     @property

@@ -597,9 +597,9 @@ def cold_start_child(mode: str, model: Model, art_dir: str) -> dict[str, float]:
 
     t0 = time.perf_counter()
     init, grads_host = _inputs(model)
-    grads = jax.device_put(grads_host)  # one batched transfer of the list
+    grads = [jax.device_put(g) for g in grads_host]
     if mode == "optax":
-        c = _optax(jax.device_put(init), grads)  # trace + compile + first step
+        c = _optax([jax.device_put(x) for x in init], grads)  # trace + compile + first step
         del c
     else:
         buckets = mode.endswith("_buckets")
