@@ -21,6 +21,7 @@ PRIVATE = [
     ("jax._src.lib", "_jax.DeviceList"),
     ("jax._src.lib", "_jax.array_result_handler"),
     ("jax._src.lib", "_jax.batched_device_put"),
+    ("jax.sharding", "NamedSharding._addressable_device_assignment"),  # put_host's device order
     ("jax._src.lru_cache", "LRUCache"),
     ("jax._src.compilation_cache", "compress_executable"),
     ("jax._src.compilation_cache", "decompress_executable"),
