@@ -9,6 +9,7 @@ It sits below every stage of the pipeline (codegen and the passes use its MLIR h
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -129,6 +130,36 @@ def device_put(value: Any, sharding: Any, *, copy: bool = False) -> Any:
     host = not isinstance(value, jax.Array)
     with jax.enable_x64(True):
         return jax.device_put(value, sharding, may_alias=False if copy or host else None)
+
+
+def put_host(values: Sequence[Any], shardings: Sequence[Any], *, share: bool = False) -> list[Any]:
+    """Host arrays as new jax.Arrays laid out by `shardings`, dtype kept (int64 too), each copied
+    into buffers the runtime owns: jaxlib's batched put with `force_copy`, the call `jax.device_put`
+    ends in (~10 us an array where `jax.device_put` takes ~40), which on CPU otherwise wraps a
+    64-byte-aligned NumPy array's memory even with may_alias=False (such a state buffer is not
+    donated in place). With `share`, an array nothing else holds may be wrapped instead (on CPU,
+    when 64-byte aligned: no copy), for arrays that are only read, never donated. Only a replicated
+    sharding this process holds whole takes that call (jaxlib 0.10.2 fails it on some partly
+    replicated ones); others go through `device_put` of a host copy."""
+    from jax._src.lib import _jax as xc
+
+    out = []
+    for value, sharding in zip(values, shardings, strict=True):
+        x = np.asarray(value)
+        if not (sharding.is_fully_replicated and sharding.is_fully_addressable):
+            out.append(device_put(np.array(x, copy=True), sharding))
+            continue
+        devices = list(sharding._addressable_device_assignment)
+        out.append(xc.batched_device_put(_host_aval(x.shape, x.dtype), sharding, [x] * len(devices), devices,
+                                         True, not share, enable_x64=True))
+    return out
+
+
+@functools.lru_cache(maxsize=1024)
+def _host_aval(shape: tuple[int, ...], dtype: np.dtype) -> Any:
+    """One abstract value per shape and dtype for `put_host`'s arrays (immutable; jax's result
+    handlers share one likewise): 400 variables make 4 objects, not 400, to create and collect."""
+    return shaped_array(shape, dtype)
 
 
 def buffer_pointers(array: Any) -> tuple[int, ...]:

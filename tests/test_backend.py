@@ -20,6 +20,8 @@ PRIVATE = [
     ("jax._src.compiler", "get_compile_options"),
     ("jax._src.lib", "_jax.DeviceList"),
     ("jax._src.lib", "_jax.array_result_handler"),
+    ("jax._src.lib", "_jax.batched_device_put"),
+    ("jax.sharding", "NamedSharding._addressable_device_assignment"),  # put_host's device order
     ("jax._src.lru_cache", "LRUCache"),
     ("jax._src.compilation_cache", "compress_executable"),
     ("jax._src.compilation_cache", "decompress_executable"),
@@ -116,3 +118,41 @@ def test_lowering_context_and_compiled_program_fields_exist() -> None:
     assert hasattr(compiled._executable, "_kept_var_idx") and hasattr(compiled._params, "const_args")
     assert backend.kept_argument_indices(compiled) == [None, 0]  # the unused argument was dropped
     assert backend.input_output_aliases(compiled.runtime_executable()) == {0: 0}
+
+
+def test_put_host_copies_every_layout_and_keeps_64_bit_dtypes() -> None:
+    """`put_host` gives what jax.device_put gives (values, shardings, committed), in buffers of its
+    own: an aligned NumPy array is not wrapped (jax.device_put wraps one on CPU), int64 stays int64.
+    Replicated over every device and over one, and split (row blocks, columns, partly replicated)."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from sgdgen import backend
+
+    devices = backend.devices_for(list(range(len(jax.devices()))))
+    mesh = jax.sharding.Mesh(np.array(devices).reshape(-1, 1), ("x", "y"))
+    raw = np.empty(64 * 16 + 16, np.float32)
+    aligned = raw[(-raw.ctypes.data % 64) // 4:][:64 * 16].reshape(64, 16)  # 64-byte aligned
+    aligned[:] = np.arange(aligned.size, dtype=np.float32).reshape(aligned.shape)
+    counter = np.array(2**40 + 3, np.int64)
+    mesh_t = jax.sharding.Mesh(np.array(devices).reshape(1, -1), ("x", "y"))
+    mesh_2d = jax.sharding.Mesh(np.array(devices).reshape(2, -1), ("x", "y"))
+    one = jax.sharding.Mesh(np.array(devices[:1]), ("x",))
+    shardings = [NamedSharding(mesh, P()), NamedSharding(one, P()), NamedSharding(mesh, P("x", None)),
+                 NamedSharding(mesh_t, P(None, "y")), NamedSharding(mesh_2d, P("x", None))]
+    got = backend.put_host([aligned] * len(shardings), shardings)
+    want = [jax.device_put(aligned, s) for s in shardings]
+    for g, w, s in zip(got, want, shardings):
+        assert g.sharding == s and g.committed and g.shape == aligned.shape and g.dtype == np.float32
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+        assert [x.index for x in g.addressable_shards] == [x.index for x in w.addressable_shards]
+    ours = {p for a in got for p in backend.buffer_pointers(a)}
+    assert aligned.ctypes.data not in ours  # copied, never the NumPy memory
+    aligned[0, 0] = -1.0  # and so not changed with it
+    assert float(np.asarray(got[0])[0, 0]) == 0.0 and float(np.asarray(got[1])[0, 0]) == 0.0
+    (wide,) = backend.put_host([counter], shardings[:1])
+    assert wide.dtype == np.int64 and int(wide) == 2**40 + 3
+    (shared,) = backend.put_host([aligned], shardings[1:2], share=True)  # read-only use: may wrap the memory
+    np.testing.assert_array_equal(np.asarray(shared), aligned)
+    if devices[0].platform == "cpu":
+        assert backend.buffer_pointers(shared) == (aligned.ctypes.data,)

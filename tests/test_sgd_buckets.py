@@ -201,6 +201,30 @@ def test_views_cached_until_the_bucket_changes() -> None:
     assert vs[6].value is vs[6]._array  # the large variable is its own buffer
 
 
+def test_views_read_in_turn_are_placed_together_in_buffers_of_their_own() -> None:
+    """Views read one after another after a step (a forward pass) are placed together once the
+    second is read, each in its own buffer: the next step donates the bucket and they stay intact."""
+    from sgdgen import backend
+
+    opt, vs = _train(CONFIGS["clipvalue"], True, mixed=False, steps=1)
+    buffer = next(v._view for v in vs if v._view is not None)
+    flat = [v for v in vs if v._view is buffer]  # the views of one bucket
+    assert len(flat) > 2
+    first, second = flat[0].value, flat[1].value
+    assert all(x is not None for x in buffer._values)  # the rest were placed with the second
+    values = [first, second] + [v.value for v in flat[2:]]
+    want = [np.array(v.numpy()) for v in flat]
+    (start,) = backend.buffer_pointers(buffer.array)
+    end = start + buffer.array.nbytes
+    for x in values:
+        (p,) = backend.buffer_pointers(x)
+        assert not start <= p < end  # not a view into the bucket the next step donates
+    opt.apply_gradients(zip(_grads(vs, np.random.default_rng(1), 1), vs))
+    for x, w in zip(values, want, strict=True):
+        assert not x.is_deleted()
+        np.testing.assert_array_equal(np.asarray(x), w)
+
+
 def test_missing_gradient_of_a_flat_member_changes_nothing() -> None:
     opt, vs = _train(CONFIGS["momentum_nesterov_wd"], True, mixed=False, steps=1)
     before = _state(opt, vs)

@@ -25,7 +25,7 @@ from sgdgen.api.variable import FlatBuffer, Variable
 from sgdgen.codegen.abi import StepABI
 from sgdgen.frontend.buckets import BucketPlan, concat
 from sgdgen.frontend.zero import pad
-from sgdgen.runtime.executable import put
+from sgdgen.runtime.executable import put, slot_dtype
 
 _tokens = itertools.count()
 
@@ -61,7 +61,8 @@ class Buckets:
             shardings = [variables[k].layout.named_sharding() for k in ks]
             packed = concat([variables[k].numpy() for k in ks])
             roles = {"variable": put(abi.slot("variable", b), packed),
-                     "momentum": put(abi.slot("momentum", b), np.zeros(abi.slot("momentum", b).shape))}
+                     "momentum": put(abi.slot("momentum", b), np.zeros(abi.slot("momentum", b).shape,
+                                                                          slot_dtype(abi.slot("momentum", b))))}
             if abi.use_ema:
                 roles["average"] = put(abi.slot("average", b), pad(abi.slot("average", b).plan, packed))
             buffers.append({r: FlatBuffer(a, members, shardings) for r, a in roles.items()})
@@ -84,8 +85,6 @@ class Buckets:
         that program compiles (in the background, from the second call on: seconds for hundreds of
         inputs), arrays this process holds whole are packed on the host instead (a concatenate of
         NumPy views on CPU)."""
-        from sgdgen.runtime import background
-
         key = tuple(buckets)
         shardings = self._grad_shardings.get(key)
         if shardings is None:
@@ -106,6 +105,7 @@ class Buckets:
         calls = self._calls[key] = self._calls.get(key, 0) + 1
         if whole and calls == 1:  # a one-step process never pays for the packer's compile
             return self._host_pack(grads, shardings)
+        from sgdgen.runtime import background
         # SGD has checked every gradient against its variable (shape, dtype, layout): the buckets
         # and this object determine the program's inputs, so the key hashes nothing per variable
         fn = background.compiled(("pack", self._token, key), pack, lambda: [background.abstract(g) for g in flat_in],
@@ -116,10 +116,12 @@ class Buckets:
 
     @staticmethod
     def _host_pack(grads: Sequence[Sequence[Any]], shardings: Sequence[Any]) -> list[Any]:
-        """The flat gradients through the host: NumPy views (on CPU) concatenated, one transfer each."""
+        """The flat gradients through the host: NumPy views (on CPU) concatenated into a 64-byte
+        aligned buffer of its own, which a CPU device array then wraps (no second copy: the step
+        reads a gradient and never donates it); elsewhere one transfer each."""
         from sgdgen import backend
 
-        return [backend.device_put(concat([np.asarray(g) for g in gs]), sharding) for gs, sharding in zip(grads, shardings)]
+        return backend.put_host([_concat_aligned([np.asarray(g) for g in gs]) for gs in grads], shardings, share=True)
 
     def unpack(self, b: int, flat: Any) -> list[Any]:
         """The members' arrays of flat bucket b from one flat array (one jitted call, cached)."""
@@ -133,14 +135,26 @@ class Buckets:
         return Variable.view(buffer, j, name=name, layout=v.layout)
 
 
+def _concat_aligned(values: Sequence[np.ndarray], align: int = 64) -> np.ndarray:
+    """`concat(values)` into a new array that starts on an `align`-byte boundary (what PJRT's CPU
+    client needs to use host memory as a device buffer without copying it)."""
+    dtype = np.result_type(*values)
+    n = sum(v.size for v in values)
+    raw = np.empty(n * dtype.itemsize + align, np.uint8)
+    start = -raw.ctypes.data % align
+    out = raw[start:start + n * dtype.itemsize].view(dtype)
+    np.concatenate([np.reshape(v, (-1,)) for v in values], out=out)
+    return out
+
+
 def assign_all(owners: Sequence[Variable], values: Sequence[Any]) -> None:
     """Each owner takes its new value: its own buffer is rebound (no copy); views of a flat
     bucket are written into it, one write per buffer however many of its views change."""
     writes: dict[int, tuple[FlatBuffer, dict[int, Any]]] = {}
     for owner, value in zip(owners, values, strict=True):
-        if owner._view is not None:
-            buffer, k = owner._view
-            writes.setdefault(id(buffer), (buffer, {}))[1][k] = value
+        buffer = owner._view
+        if buffer is not None:
+            writes.setdefault(id(buffer), (buffer, {}))[1][owner._view_index] = value
         else:
             owner._bind(value)
     for buffer, vals in writes.values():

@@ -330,10 +330,16 @@ class SGD:
     def build(self, var_list: Sequence[Variable]) -> None:
         """Creates the slots: a momentum per variable (always), an EMA average (a copy of the
         variable) with use_ema; moves `iterations` to the variables' mesh. Runs once."""
+        self._build(var_list)
+
+    def _build(self, var_list: Sequence[Variable], prepared: tuple[Mesh, tuple[VarSpec, ...],
+               bucketing.BucketPlan | None] | None = None) -> None:
+        """`build`; `prepared`: the variables' (checked mesh, specs, bucket plan) when the caller
+        (`load_artifact`) has made them for these variables and this optimizer's exclusions."""
         if self._built:
             return
         var_list = list(var_list)
-        mesh = self._common_mesh(var_list)
+        mesh = self._common_mesh(var_list) if prepared is None else prepared[0]
         if self._iterations.mesh != mesh:
             it = self._iterations
             self._iterations = Variable(it.numpy(), name=it._shared_name, layout=Layout.replicated(mesh, 0),
@@ -347,8 +353,11 @@ class SGD:
         self._tracked = var_list
         scope = self._name_scope or self.name  # tf_keras: the scope apply_gradients opens (a direct build: ours)
         # the slots' own layouts (weight-update sharding) come from the calling convention
-        specs = self._specs(var_list, self._decay_flags(var_list))
-        plan = self._bucket_plan(specs, mesh)
+        if prepared is None:
+            specs = self._specs(var_list, self._decay_flags(var_list))
+            plan = self._bucket_plan(specs, mesh)
+        else:
+            specs, plan = prepared[1], prepared[2]
         abi = StepABI.for_config(plan.buckets if plan is not None else specs, mesh, self._config)
         if plan is not None:
             self._flat = Buckets.create(plan, abi, var_list)
@@ -384,10 +393,14 @@ class SGD:
         return self._common_mesh(variables)
 
     def _common_mesh(self, var_list: Sequence[Variable]) -> Mesh:
+        dtypes: set[np.dtype] = set()
         for v in var_list:
             if not isinstance(v, Variable):
                 raise TypeError(_not_a_variable(v))
-            canonical_dtype(v.dtype, what=f"variable {v.name!r}")  # integer variables are refused here
+            dt = v.dtype
+            if dt not in dtypes:  # once per dtype: integer variables are refused here, naming the first
+                canonical_dtype(dt, what=f"variable {v.name!r}")
+                dtypes.add(dt)
         mesh = self._mesh if self._mesh is not None else (var_list[0].mesh if var_list else Mesh(()))
         for v in var_list:
             if v.mesh != mesh:
@@ -468,7 +481,7 @@ class SGD:
             if v._unique_id in seen:
                 raise ValueError(f"variable {v.name!r} appears twice in grads_and_vars; give each variable once")
             seen[v._unique_id] = v.name
-        present = [(g, v) for g, v in pairs if g is not None]
+        present = [(g, v) for g, v in pairs if g is not None] if any(g is None for g in grads) else pairs
         placed = [self._place_gradient(g, v) for g, v in present]  # checks before any state changes
         stepped = [v for _, v in present]
         decay = self._decay_flags(stepped)
@@ -692,7 +705,7 @@ class SGD:
     def _specs(variables: Sequence[Variable], decay: Sequence[bool]) -> tuple[VarSpec, ...]:
         """The variables as the step sees them (unique names, `_unique_names`)."""
         names = _unique_names([v._shared_name for v in variables])
-        return tuple(VarSpec(n, v.shape, canonical_dtype(v.dtype), v.layout, d)
+        return tuple(VarSpec(n, v.shape, v.dtype, v.layout, d)  # VarSpec makes the dtype canonical
                      for n, v, d in zip(names, variables, decay))
 
     def _program(self, variables: Sequence[Variable], config: SGDConfig, decay: Sequence[bool]) -> StepProgram:
@@ -884,15 +897,14 @@ class SGD:
             decay = _bucketed_decay(variables, art.program.variables)
         else:
             decay = [v.decay for v in art.program.variables]
-        if opt._config.buckets:
-            plan = opt._bucket_plan(opt._specs(variables, decay), opt._common_mesh(variables))
-            given = list(plan.buckets) if plan is not None else list(opt._specs(variables, decay))
-        else:
-            given = list(opt._program(variables, opt._config, decay).variables)
-        art.check(mesh=opt.mesh, variables=given)
+        art.check(mesh=opt.mesh)
+        common = opt._common_mesh(variables)
+        specs = opt._specs(variables, decay)  # made once: the check below and build use them
+        plan = opt._bucket_plan(specs, common)
+        art.check(variables=list(plan.buckets) if plan is not None else list(specs))
         default_cache().put(art.program, art.executable())  # this process's step for the program
         opt.exclude_from_weight_decay(var_list=[v for v, d in zip(variables, decay) if not d])
-        opt.build(variables)
+        opt._build(variables, (common, specs, plan))
         return opt
 
     # ---- checkpoints (orbax) ------------------------------------------------------------

@@ -13,6 +13,7 @@ the buffer's host copy, and writes (`assign`) go into the buffer.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -70,14 +71,23 @@ class FlatBuffer:
                     self._values = [a if a is not None else b for a, b in zip(self._values, whole(self.array))]
                     return self._values[k]
             if self._sweeps < 2 and self._on_cpu():
-                # early steps on CPU: a copy of the host view placed as the variable, ~40 us and no
-                # compile, which a fresh process would pay on its first step (a copy: a placed view
-                # could share the bucket's memory, which the next step donates)
-                v = self._values[k] = backend.device_put(np.array(self.numpy(k), copy=True), self.shardings[k])
-                return v
+                # early steps on CPU: host views copied into arrays of their own (~10 us a view), no
+                # compile, which a fresh process would pay on its first step (copies: a placed view
+                # could share the bucket's memory, which the next step donates). From the second miss
+                # on the views are read in turn: every one not yet placed is placed now.
+                self._place_from_host([j for j, x in enumerate(self._values) if x is None]
+                                      if self._misses > 1 and len(self.members) > 2 else [k])
+                return self._values[k]
             offset, size, shape = self.members[k]
             v = self._values[k] = _slicer(size, shape, self.shardings[k])(self.array, np.int32(offset))
         return v
+
+    def _place_from_host(self, views: Sequence[int]) -> None:
+        """Views `views` placed from their slices of `host()`, copied into buffers of their own."""
+        arrays = backend.put_host(slices(self.host(), [self.members[j] for j in views]),
+                                  [self.shardings[j] for j in views])
+        for j, a in zip(views, arrays):
+            self._values[j] = a
 
     def _on_cpu(self) -> bool:
         """Whether the buffer lives on CPU devices this process holds whole (host views are free)."""
@@ -123,7 +133,7 @@ class FlatBuffer:
         for k, v in values.items():
             offset, size, _ = self.members[k]
             new[offset:offset + size] = np.reshape(np.asarray(v), (-1,))
-        self.bind(backend.device_put(new, self.array.sharding))
+        self.bind(backend.put_host([new], [self.array.sharding])[0])  # a buffer of its own: the step donates it
 
 
 _slicers: dict[tuple[Any, ...], Any] = {}
@@ -140,6 +150,16 @@ def _slicer(size: int, shape: tuple[int, ...], sharding: Any) -> Any:
         fn = _slicers[key] = jax.jit(lambda b, o: jax.lax.dynamic_slice(b, (o,), (size,)).reshape(shape),
                                      out_shardings=sharding)
     return fn
+
+
+_ONE_DEVICE = Mesh(())  # a variable's mesh when none is given
+
+
+@functools.lru_cache(maxsize=256)
+def _replicated(mesh: Mesh, rank: int) -> Layout:
+    """The replicated Layout of this rank on `mesh`, one object per (mesh, rank): a Layout is
+    immutable, and 400 variables need not build (and keep) 400 equal ones."""
+    return Layout.replicated(mesh, rank)
 
 
 def _dtype(dtype: Any, name: str | None) -> np.dtype:
@@ -194,15 +214,15 @@ class Variable:
         if isinstance(layout, Layout):
             lay = layout
         else:
-            m = Mesh.of(mesh) if mesh is not None else (layout.mesh if isinstance(layout, Layout) else Mesh(()))
-            lay = Layout.replicated(m, len(np.shape(host))) if layout is None else Layout(layout, m)
+            m = Mesh.of(mesh) if mesh is not None else _ONE_DEVICE
+            lay = _replicated(m, len(np.shape(host))) if layout is None else Layout(layout, m)
         lay.validate(tuple(np.shape(host)), f"variable {self._shared_name!r}")
         self.layout = lay
         self.trainable = trainable
         self._unique_id = next(_ids)
         self.constraint = constraint
         self._plan: Any = None  # a weight-update-sharded slot's padding (sgdgen.frontend.zero), set by SGD.build
-        self._view: tuple[FlatBuffer, int] | None = None  # (buffer, index) when a view of a flat bucket
+        self._view: FlatBuffer | None = None  # the flat bucket's buffer when a view of one (view `_view_index` of it)
         self._value = self._place(host, dt)
 
     @classmethod
@@ -218,15 +238,14 @@ class Variable:
 
     def _view_of(self, buffer: FlatBuffer, k: int) -> None:
         """Makes this variable view `k` of `buffer` (its own buffer is dropped)."""
-        self._view = (buffer, k)
+        self._view, self._view_index = buffer, k  # two fields, no tuple: a build makes one view per variable and slot
         self._value = None
 
     @property
     def _value(self) -> Any:
         a = self._array
         if a is None and self._view is not None:
-            buffer, k = self._view
-            return buffer.value(k)
+            return self._view.value(self._view_index)
         return a
 
     @_value.setter
@@ -239,8 +258,8 @@ class Variable:
         span other processes, whose shards this one cannot read), anything else from the host."""
         if hasattr(value, "sharding") and np.dtype(value.dtype) == dtype:
             return backend.device_put(value, self.layout.named_sharding(), copy=True)
-        arr = np.array(value, dtype=dtype, copy=True)  # a fresh host copy: the variable owns its buffer
-        return backend.device_put(arr, self.layout.named_sharding())
+        # copied into a buffer of its own (put_host always copies): the variable owns it
+        return backend.put_host([np.asarray(value, dtype=dtype)], [self.layout.named_sharding()])[0]
 
     @property
     def value(self) -> Any:
@@ -255,8 +274,7 @@ class Variable:
     def numpy(self) -> np.ndarray:
         """The value on the host; a padded (weight-update-sharded) slot shows its logical value."""
         if self._array is None and self._view is not None:
-            buffer, k = self._view
-            return buffer.numpy(k)
+            return self._view.numpy(self._view_index)
         return unpad(self._plan, np.asarray(self._value))
 
     def assign(self, value: Any) -> Variable:
@@ -266,8 +284,7 @@ class Variable:
             raise SpecError(f"variable {self._shared_name!r}: cannot assign a value of shape {list(shape)} to a "
                             f"variable of shape {list(self.shape)}")
         if self._view is not None:
-            buffer, k = self._view
-            buffer.write({k: np.asarray(value, dtype=self.dtype)})
+            self._view.write({self._view_index: np.asarray(value, dtype=self.dtype)})
         else:
             self._value = self._place(value, self.dtype)
         return self
@@ -275,14 +292,13 @@ class Variable:
     @property
     def shape(self) -> tuple[int, ...]:
         if self._array is None and self._view is not None:
-            buffer, k = self._view
-            return tuple(buffer.members[k][2])
+            return tuple(self._view.members[self._view_index][2])
         return tuple(self._value.shape)
 
     @property
     def dtype(self) -> np.dtype:
         if self._array is None and self._view is not None:
-            return np.dtype(self._view[0].array.dtype)
+            return np.dtype(self._view.array.dtype)
         return np.dtype(self._value.dtype)
 
     @property

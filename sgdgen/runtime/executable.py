@@ -52,9 +52,9 @@ class ShardingMatcher:
 
 
 def put(slot: Slot, value: Any) -> Any:
-    """A fresh device array of `value` (copied on the host: a NumPy view of a jax.Array would be
-    transferred zero-copy and share the buffer the step donates) in the slot's dtype and layout."""
-    return backend.device_put(np.array(value, dtype=slot_dtype(slot), copy=True), slot.layout.named_sharding())
+    """A fresh device array of `value` in the slot's dtype and layout: always a copy (a NumPy view
+    of a jax.Array placed zero-copy would share the buffer the step donates; `backend.put_host`)."""
+    return backend.put_host([np.asarray(value, dtype=slot_dtype(slot))], [slot.layout.named_sharding()])[0]
 
 
 def slot_dtype(slot: Slot) -> np.dtype:
