@@ -127,9 +127,16 @@ def device_put(value: Any, sharding: Any, *, copy: bool = False) -> Any:
     # NumPy array's memory (zero copy): such a buffer cannot be donated in place, so its step result
     # lands elsewhere, and once the NumPy memory is freed and reused the executable's remembered
     # addresses (runtime/executable.py) would report two state arrays sharing one buffer.
-    host = not isinstance(value, jax.Array)
+    if not isinstance(value, jax.Array):  # jax.device_put(may_alias=False) still wraps aligned NumPy memory
+        return put_host([value], [sharding])[0]
+    return _jax_device_put(value, sharding, may_alias=False if copy else None)
+
+
+def _jax_device_put(value: Any, sharding: Any, *, may_alias: bool | None) -> Any:
+    import jax
+
     with jax.enable_x64(True):
-        return jax.device_put(value, sharding, may_alias=False if copy or host else None)
+        return jax.device_put(value, sharding, may_alias=may_alias)
 
 
 def put_host(values: Sequence[Any], shardings: Sequence[Any], *, share: bool = False) -> list[Any]:
@@ -147,7 +154,7 @@ def put_host(values: Sequence[Any], shardings: Sequence[Any], *, share: bool = F
     for value, sharding in zip(values, shardings, strict=True):
         x = np.asarray(value)
         if not (sharding.is_fully_replicated and sharding.is_fully_addressable):
-            out.append(device_put(np.array(x, copy=True), sharding))
+            out.append(_jax_device_put(np.array(x, copy=True), sharding, may_alias=None))  # a copy only it holds
             continue
         devices = list(sharding._addressable_device_assignment)
         out.append(xc.batched_device_put(_host_aval(x.shape, x.dtype), sharding, [x] * len(devices), devices,
