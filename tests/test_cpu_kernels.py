@@ -162,3 +162,15 @@ def test_artifact_compiled_with_kernels_is_rebuilt_where_they_are_off(tmp_path, 
     env = {**subprocess_env, cpu_kernels.ENV: "0"}  # the child's compile options differ: a warning, then a rebuild
     with pytest.raises(AssertionError, match="compile options"):
         _save_and_load_in_a_new_process(tmp_path, env)
+
+
+def test_a_child_started_in_the_checkout_uses_the_same_kernel_library(subprocess_env) -> None:
+    # Run from the repository root, a child imports sgdgen from the checkout; beside a non-editable
+    # install (CI's) the checkout has no built library, so it must find the installed one, or the
+    # child would see other compile options than this process and reject its artifacts.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = "from sgdgen.runtime import cpu_kernels; print(cpu_kernels.fingerprint())"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=subprocess_env, capture_output=True,
+                          text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == cpu_kernels.fingerprint()

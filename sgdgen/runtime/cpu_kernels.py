@@ -34,12 +34,28 @@ PIPELINE = "builtin.module(sgd-cpu-kernels)"
 
 
 def library_path() -> Path | None:
-    """The built kernel library inside the installed package, or None."""
+    """The built kernel library: beside this module (an installed or editable package), else the
+    installed distribution's (sgdgen imported from a source checkout beside a non-editable install,
+    as CI's test children do: one process must not see other compile options than its parent)."""
     here = Path(__file__).resolve().parent
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
         candidate = here / f"_cpu_kernels{suffix}"
         if candidate.is_file():
             return candidate
+    return _installed_library()
+
+
+def _installed_library() -> Path | None:
+    from importlib import metadata
+
+    names = {f"_cpu_kernels{suffix}" for suffix in importlib.machinery.EXTENSION_SUFFIXES}
+    # every "sgdgen" on the path: a checkout's own sgdgen.egg-info (left by an in-tree build) comes first
+    for dist in metadata.distributions(name="sgdgen"):
+        for f in dist.files or ():
+            if f.name in names and f.parent.name == "runtime":
+                path = Path(str(f.locate())).resolve()
+                if path.is_file():
+                    return path
     return None
 
 
