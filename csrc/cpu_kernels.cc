@@ -2,7 +2,8 @@
 // portable step.mlirbc). Built at install by setup.py against the FFI headers jaxlib ships;
 // loaded and registered by sgdgen/runtime/cpu_kernels.py; inserted by the sgd-cpu-kernels pass.
 //
-// sgdgen_sum_squares_f32(g: f32[...]) -> f64[]: sum over every element of float64(float32(g*g)),
+// sgdgen_sum_squares_f32(g_1, ..., g_N: f32[...]) -> N x f64[]: for each operand, the sum over
+// every element of float64(float32(g*g)),
 // the float32 norm's share of SEMANTICS §6 (products round in float32, the sum is accumulated in
 // float64). XLA CPU's float64 reduction runs at a third of the float32 one's speed; this one
 // reads the gradient once at memory bandwidth on XLA's intra-op threads. The order of summation
@@ -47,55 +48,70 @@ double BlockSum(const float* x, int64_t n) {
   return s;
 }
 
-// Blocks are claimed from a shared counter by the calling thread and by tasks on XLA's pool.
-// The caller only ever waits for blocks another thread has claimed (and is running), never for a
-// task still queued, so a busy pool cannot deadlock it. Tasks keep the state alive.
+// Blocks (of every operand) are claimed from a shared counter by the calling thread and by tasks
+// on XLA's pool. The caller only ever waits for blocks another thread has claimed (and is running),
+// never for a task still queued, so a busy pool cannot deadlock it. Tasks keep the state alive.
 struct Job {
-  const float* x;
-  int64_t n;
-  int64_t blocks;
+  struct Block {
+    const float* x;
+    int64_t n;
+  };
+  std::vector<Block> blocks;
+  std::vector<double> partial;
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
-  std::vector<double> partial;
 
   void Work() {
-    for (int64_t b; (b = next.fetch_add(1, std::memory_order_relaxed)) < blocks;) {
-      const int64_t begin = b * kBlock;
-      partial[b] = BlockSum(x + begin, std::min(kBlock, n - begin));
+    const int64_t count = static_cast<int64_t>(blocks.size());
+    for (int64_t b; (b = next.fetch_add(1, std::memory_order_relaxed)) < count;) {
+      partial[b] = BlockSum(blocks[b].x, blocks[b].n);
       done.fetch_add(1, std::memory_order_release);
     }
   }
 };
 
-ffi::Error SumSquaresF32(ffi::ThreadPool pool, ffi::AnyBuffer g, ffi::Result<ffi::AnyBuffer> out) {
-  if (g.element_type() != ffi::DataType::F32 || out->element_type() != ffi::DataType::F64 ||
-      out->element_count() != 1) {
-    return ffi::Error::InvalidArgument("sgdgen_sum_squares_f32 takes a float32 array and returns a float64 scalar");
-  }
-  const float* x = g.typed_data<float>();
-  const int64_t n = static_cast<int64_t>(g.element_count());
-  double* result = out->typed_data<double>();
-  const int64_t blocks = (n + kBlock - 1) / kBlock;
-  if (blocks <= 1) {
-    *result = BlockSum(x, n);
-    return ffi::Error::Success();
+// Any number of float32 operands, one float64 scalar result each: the norms of many small gradients
+// in one call (a call costs more than a small sum), a large one split over the pool.
+ffi::Error SumSquaresF32(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingRets rets) {
+  if (args.size() != rets.size() || args.size() == 0) {
+    return ffi::Error::InvalidArgument("sgdgen_sum_squares_f32 takes N float32 arrays and returns N float64 scalars");
   }
   auto job = std::make_shared<Job>();
-  job->x = x;
-  job->n = n;
-  job->blocks = blocks;
-  job->partial.assign(blocks, 0.0);
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), blocks) - 1;
+  std::vector<double*> results;
+  std::vector<int64_t> first_block;  // operand i owns blocks [first_block[i], first_block[i + 1])
+  for (size_t i = 0; i < args.size(); ++i) {
+    auto g = args.get<ffi::AnyBuffer>(i);
+    auto out = rets.get<ffi::AnyBuffer>(i);
+    if (!g.has_value() || !out.has_value() || g->element_type() != ffi::DataType::F32 ||
+        (*out)->element_type() != ffi::DataType::F64 || (*out)->element_count() != 1) {
+      return ffi::Error::InvalidArgument("sgdgen_sum_squares_f32 takes N float32 arrays and returns N float64 scalars");
+    }
+    const float* x = g->typed_data<float>();
+    const int64_t n = static_cast<int64_t>(g->element_count());
+    first_block.push_back(static_cast<int64_t>(job->blocks.size()));
+    const int64_t blocks = std::max<int64_t>(1, (n + kBlock - 1) / kBlock);  // an empty operand: one empty block
+    for (int64_t k = 0; k < blocks; ++k) job->blocks.push_back({x + k * kBlock, std::min(kBlock, n - k * kBlock)});
+    results.push_back((*out)->typed_data<double>());
+  }
+  first_block.push_back(static_cast<int64_t>(job->blocks.size()));
+  const int64_t count = static_cast<int64_t>(job->blocks.size());
+  job->partial.assign(count, 0.0);
+  int64_t elements = 0;
+  for (const auto& b : job->blocks) elements += b.n;
+  // one thread for little work: waking the pool costs more than summing a few hundred KiB
+  const int64_t helpers = elements < 2 * kBlock ? 0 : std::min<int64_t>(pool.num_threads(), count) - 1;
   for (int64_t k = 0; k < helpers; ++k) pool.Schedule([job] { job->Work(); });
   job->Work();
-  while (job->done.load(std::memory_order_acquire) < blocks) std::this_thread::yield();
-  double s = 0.0;
-  for (double p : job->partial) s += p;  // index order: the same sum on any number of threads
-  *result = s;
+  while (job->done.load(std::memory_order_acquire) < count) std::this_thread::yield();
+  for (size_t i = 0; i < results.size(); ++i) {
+    double s = 0.0;
+    for (int64_t b = first_block[i]; b < first_block[i + 1]; ++b) s += job->partial[b];  // block order
+    *results[i] = s;
+  }
   return ffi::Error::Success();
 }
 
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(sgdgen_sum_squares_f32, SumSquaresF32,
-                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().RemainingArgs().RemainingRets());

@@ -1,9 +1,9 @@
-"""`sgd-cpu-kernels{min-elements=65536}`: a float32 norm's float64 sum becomes one FFI call.
+"""`sgd-cpu-kernels{min-elements=65536}`: float32 norms' float64 sums become FFI calls.
 
 Runs on the final (stage-1) module, and only when it is compiled for XLA CPU with sgdgen's
 kernel library loaded (`sgdgen.runtime.cpu_kernels`); the portable `step.mlirbc` and every
 other platform keep the plain StableHLO. It rewrites the norm share of SEMANTICS §6 for a
-float32 gradient of at least `min-elements` elements:
+float32 gradient:
 
     %sq = stablehlo.multiply %g, %g : tensor<...xf32>
     %w = stablehlo.convert %sq : (tensor<...xf32>) -> tensor<...xf64>
@@ -14,10 +14,17 @@ into
 
     %s = stablehlo.custom_call @sgdgen_sum_squares_f32(%g) {...} : (tensor<...xf32>) -> tensor<f64>
 
+The sums of one block's arguments (the gradients of @main or of the manual computation's body)
+share ONE call, placed at the block's start: `(g_1, ..., g_N) -> N x tensor<f64>`, as a call
+costs more than a small gradient's sum (400 small gradients: XLA's 400 float64 reduces take
+2.3 ms, their float32 ones 0.8 ms). A sum of a computed value (a ZeRO slice, an all_reduce's
+result) gets a call of its own, before it. A call is made only for at least `min-elements`
+elements in all (its sums together).
+
 which computes the same sum (float32 products, accumulated in float64; only the order of the
 float64 additions differs, which §6 leaves free). XLA CPU's float64 reduction is about three
 times slower than its float32 one (docs/numerics.md §3a); the kernel reads the gradient once at
-memory bandwidth. Smaller gradients keep XLA's reduce: a call costs more than their sum.
+memory bandwidth.
 Anything else (other dtypes, partial reductions, products of two different values, a
 non-zero init) is left as it is.
 
@@ -43,7 +50,7 @@ from sgdgen.passes.common import PassError, guarded, module_of
 NAME = "sgd-cpu-kernels"
 #: the FFI target (csrc/cpu_kernels.cc), registered by sgdgen.runtime.cpu_kernels
 SUM_SQUARES_F32 = "sgdgen_sum_squares_f32"
-#: gradients below this many elements keep XLA's reduce (bench: a call's overhead is a few us)
+#: a call summing fewer elements than this (all its operands) is not made: XLA's reduce is cheaper
 DEFAULT_MIN_ELEMENTS = 1 << 16
 
 
@@ -70,7 +77,7 @@ def _is_add_body(reduce: ir.Operation) -> bool:
             and set(ops[0].operands) == set(reduce.regions[0].blocks[0].arguments))
 
 
-def _gradient_of(reduce: ir.Operation, min_elements: int) -> ir.Value | None:
+def _gradient_of(reduce: ir.Operation) -> ir.Value | None:
     """The float32 `g` of a full float64 sum of `convert(g * g)`, else None."""
     if len(reduce.operands) != 2 or len(reduce.results) != 1:
         return None
@@ -92,8 +99,6 @@ def _gradient_of(reduce: ir.Operation, min_elements: int) -> ir.Value | None:
     g = square.operands[0]
     g_type = ir.RankedTensorType(g.type)
     if g_type.element_type != ir.F32Type.get() or not g_type.has_static_shape:
-        return None
-    if math.prod(g_type.shape) < min_elements:
         return None
     return g
 
@@ -146,20 +151,36 @@ def _rewrite(op: Any, **options: str) -> None:
         raise PassError(f"min-elements must be a non-negative integer, got {min_elements!r}", module)
     reduces: list[ir.Operation] = []
     _walk(module, _partitions(module) == 1, _mesh_axes(module), reduces)
-    f64 = ir.RankedTensorType.get([], ir.F64Type.get())
+    # sums of the same block's arguments share one call (placed at the block's start); a sum of a
+    # computed value gets a call of its own, before it
+    groups: list[tuple[ir.Block | None, list[tuple[ir.Operation, ir.Value]]]] = []
     for reduce in reduces:
-        g = _gradient_of(reduce, threshold)
+        g = _gradient_of(reduce)
         if g is None:
             continue
-        convert = _owner(reduce.operands[0], "stablehlo.convert")
-        square = _owner(convert.operands[0], "stablehlo.multiply")
-        with ir.InsertionPoint(reduce), reduce.location:
-            call = stablehlo.CustomCallOp([f64], [g], SUM_SQUARES_F32, backend_config=ir.StringAttr.get(""))
+        block = g.owner if isinstance(g.owner, ir.Block) else None
+        same = next((m for b, m in groups if block is not None and b is not None and b == block), None)
+        if same is not None:
+            same.append((reduce, g))
+        else:
+            groups.append((block, [(reduce, g)]))
+    f64 = ir.RankedTensorType.get([], ir.F64Type.get())
+    for key, members in groups:
+        if sum(math.prod(ir.RankedTensorType(g.type).shape) for _, g in members) < threshold:
+            continue
+        first = members[0][0]
+        where = ir.InsertionPoint.at_block_begin(key) if key is not None else ir.InsertionPoint(first)
+        with where, first.location:
+            call = stablehlo.CustomCallOp([f64] * len(members), [g for _, g in members], SUM_SQUARES_F32,
+                                          backend_config=ir.StringAttr.get(""))
             call.attributes["mhlo.backend_config"] = ir.DictAttr.get({})  # typed FFI, as jax.ffi.ffi_call
-        reduce.results[0].replace_all_uses_with(call.result)
-        reduce.erase()
-        _erase_if_unused(convert)
-        _erase_if_unused(square)
+        for (reduce, _), result in zip(members, call.results):
+            convert = _owner(reduce.operands[0], "stablehlo.convert")
+            square = _owner(convert.operands[0], "stablehlo.multiply")
+            reduce.results[0].replace_all_uses_with(result)
+            reduce.erase()
+            _erase_if_unused(convert)
+            _erase_if_unused(square)
 
 
 run = register(NAME, "float32 norm sums -> one XLA FFI kernel call (CPU executables only)",

@@ -58,6 +58,20 @@ def test_kernel_sum_is_within_the_float64_bound_of_the_exact_sum(n: int) -> None
     assert abs(got - exact) <= (n - 1) * 2.0 ** -53 * exact
 
 
+def test_one_call_sums_many_operands_each_within_the_bound() -> None:
+    # the norms of many small gradients in one call (and a large one split into blocks beside them)
+    rng = np.random.default_rng(7)
+    sizes = [0, 1, 96, 6144, 25600, (1 << 18) + 3, 17]
+    xs = [(rng.standard_normal(n) * np.exp2(rng.integers(-20, 20, n))).astype(np.float32) for n in sizes]
+    cpu_kernels.register()
+    call = jax.ffi.ffi_call(TARGET, [jax.ShapeDtypeStruct((), jnp.float64)] * len(xs))
+    with jax.enable_x64(True):
+        got = [float(v) for v in jax.jit(lambda *a: call(*a))(*map(jnp.asarray, xs))]
+    for x, g in zip(xs, got):
+        exact = math.fsum((x * x).astype(np.float64).tolist())
+        assert abs(g - exact) <= max(x.size - 1, 0) * 2.0 ** -53 * exact
+
+
 def test_kernel_propagates_inf_and_nan_as_the_reduce_does() -> None:
     x = np.ones(1 << 19, np.float32)
     x[7] = np.float32(3e38)  # its square overflows float32 to inf, as the program's multiply does
@@ -70,9 +84,9 @@ def _hlo(result) -> str:
     return backend.hlo_text(result.compiled.exe.executable)
 
 
-LARGE = [VarSpec.create("big/kernel", [320, 256], "float32", Mesh(())),  # 81,920 elements: rewritten
+LARGE = [VarSpec.create("big/kernel", [320, 256], "float32", Mesh(())),  # all three @main arguments: one call
          VarSpec.create("big/bias", [70000], "float32", Mesh(()), decay=False),
-         VarSpec.create("small", [31, 7], "float32", Mesh(()))]  # under min-elements: XLA's reduce
+         VarSpec.create("small", [31, 7], "float32", Mesh(()))]
 FULL = dict(learning_rate=0.1, momentum=0.9, nesterov=True, weight_decay=0.05, global_clipnorm=1.0,
             use_ema=True, ema_momentum=0.9, ema_overwrite_frequency=3)
 
@@ -82,7 +96,9 @@ FULL = dict(learning_rate=0.1, momentum=0.9, nesterov=True, weight_decay=0.05, g
 def test_step_with_the_kernel_matches_the_reference(kwargs: dict) -> None:
     config = SGDConfig.create(**kwargs)
     result = run_against_reference(config, LARGE, Mesh(()), steps=8, seed=3, transform=run_pipeline)
-    assert _hlo(result).count(TARGET) == 2, "the two large gradients' norms were not given to the kernel"
+    hlo = _hlo(result)
+    assert hlo.count(TARGET) == 1 and "(f64[], f64[], f64[]) custom-call(" in hlo, \
+        "the three gradients' norms were not given to one kernel call"
     assert_matches(result)
 
 

@@ -2,7 +2,7 @@
 
 /// What is not a large, local, float32 norm sum keeps XLA's reduce.
 
-/// Under min-elements (65,536 by default): a call costs more than the sum.
+/// Under min-elements (65,536 by default, counted over the call's sums): a call costs more than the sum.
 // CHECK-LABEL: module @small_gradient
 // CHECK-NOT:     custom_call
 // CHECK:         stablehlo.reduce
