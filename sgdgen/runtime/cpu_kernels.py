@@ -3,8 +3,8 @@
 The library is built at install (setup.py) and loaded here on first use, which registers its
 FFI targets with JAX for the CPU platform. Every executable sgdgen builds goes through this
 module (`compile_text`, `deserialize_executable`; the `sgdgen_step` lowering calls `rewrite`):
-for CPU devices the `sgd-cpu-kernels` pass swaps each large float32 norm sum for a kernel
-call. The portable `step.mlirbc`, `jax.export` and other platforms never see a call.
+for CPU devices the `sgd-cpu-kernels` pass swaps float32 norm sums for kernel
+calls. The portable `step.mlirbc`, `jax.export` and other platforms never see a call.
 
 Without the library (no C++ compiler at install) or with `SGDGEN_CPU_KERNELS=0`, `rewrite`
 returns its text unchanged and XLA's own reduce runs: same contract (SEMANTICS §6), slower
