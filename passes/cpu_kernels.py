@@ -38,14 +38,13 @@ in a module of one partition (`mhlo.num_partitions = 1`, or none), or inside an
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 from jaxlib.mlir import ir
-from jaxlib.mlir.dialects import stablehlo
+from jaxlib.mlir.dialects import sdy, stablehlo
 
 from sgdgen.passes import register
-from sgdgen.passes.common import PassError, guarded, module_of
+from sgdgen.passes.common import PassError, guarded, int_attr, module_of, top_ops
 
 NAME = "sgd-cpu-kernels"
 #: the FFI target (csrc/cpu_kernels.cc), registered by sgdgen.runtime.cpu_kernels
@@ -63,11 +62,15 @@ def _owner(v: ir.Value, name: str) -> ir.Operation | None:
 
 
 def _is_zero_f64(v: ir.Value) -> bool:
+    """`v` is a float64 splat of +0.0 (the sum's init)."""
     const = _owner(v, "stablehlo.constant")
     if const is None or ir.RankedTensorType(v.type).element_type != ir.F64Type.get():
         return False
     attr = ir.DenseFPElementsAttr(const.attributes["value"])
-    return attr.is_splat and float(attr.get_splat_value().value) == 0.0 and math.copysign(1.0, float(attr.get_splat_value().value)) > 0
+    if not attr.is_splat:
+        return False
+    value = attr.get_splat_value().value
+    return value == 0.0 and math.copysign(1.0, value) > 0
 
 
 def _is_add_body(reduce: ir.Operation) -> bool:
@@ -77,8 +80,9 @@ def _is_add_body(reduce: ir.Operation) -> bool:
             and set(ops[0].operands) == set(reduce.regions[0].blocks[0].arguments))
 
 
-def _gradient_of(reduce: ir.Operation) -> ir.Value | None:
-    """The float32 `g` of a full float64 sum of `convert(g * g)`, else None."""
+def _match(reduce: ir.Operation) -> tuple[ir.Value, ir.Operation, ir.Operation] | None:
+    """(g, its square, the square's convert) of a full float64 sum of `convert(g * g)` with g
+    float32, else None."""
     if len(reduce.operands) != 2 or len(reduce.results) != 1:
         return None
     wide, init = reduce.operands
@@ -100,25 +104,12 @@ def _gradient_of(reduce: ir.Operation) -> ir.Value | None:
     g_type = ir.RankedTensorType(g.type)
     if g_type.element_type != ir.F32Type.get() or not g_type.has_static_shape:
         return None
-    return g
-
-
-def _axis_names(attr: ir.Attribute) -> set[str]:
-    return set(re.findall(r'"([^"]+)"', str(attr)))
+    return g, square, convert
 
 
 def _mesh_axes(module: ir.Operation) -> set[str]:
-    axes: set[str] = set()
-    for op in module.regions[0].blocks[0].operations:
-        if op.operation.name == "sdy.mesh":
-            axes |= set(re.findall(r'"([^"]+)"\s*=', str(op.operation.attributes["mesh"])))
-    return axes
-
-
-def _partitions(module: ir.Operation) -> int:
-    if "mhlo.num_partitions" not in module.attributes:
-        return 1
-    return int(ir.IntegerAttr(module.attributes["mhlo.num_partitions"]).value)
+    return {sdy.MeshAxisAttr(a).name for op in top_ops(module) if op.name == "sdy.mesh"
+            for a in sdy.MeshAttr(op.attributes["mesh"]).axes}
 
 
 def _walk(op: ir.Operation, local: bool, mesh_axes: set[str], found: list[ir.Operation]) -> None:
@@ -129,8 +120,8 @@ def _walk(op: ir.Operation, local: bool, mesh_axes: set[str], found: list[ir.Ope
                 child = child.operation
                 if child.name == "stablehlo.reduce" and local:
                     found.append(child)
-                inner = local or (child.name == "sdy.manual_computation"
-                                  and mesh_axes <= _axis_names(child.attributes["manual_axes"]))
+                inner = local or (child.name == "sdy.manual_computation" and mesh_axes <= set(
+                    sdy.ManualAxesAttr(child.attributes["manual_axes"])))
                 _walk(child, inner, mesh_axes, found)
 
 
@@ -150,33 +141,32 @@ def _rewrite(op: Any, **options: str) -> None:
     if threshold < 0:
         raise PassError(f"min-elements must be a non-negative integer, got {min_elements!r}", module)
     reduces: list[ir.Operation] = []
-    _walk(module, _partitions(module) == 1, _mesh_axes(module), reduces)
+    _walk(module, (int_attr(module, "mhlo.num_partitions") or 1) == 1, _mesh_axes(module), reduces)
     # sums of the same block's arguments share one call (placed at the block's start); a sum of a
     # computed value gets a call of its own, before it
-    groups: list[tuple[ir.Block | None, list[tuple[ir.Operation, ir.Value]]]] = []
+    groups: list[tuple[ir.Block | None, list[tuple[ir.Operation, tuple[ir.Value, ir.Operation, ir.Operation]]]]] = []
     for reduce in reduces:
-        g = _gradient_of(reduce)
-        if g is None:
+        found = _match(reduce)
+        if found is None:
             continue
-        block = g.owner if isinstance(g.owner, ir.Block) else None
+        owner = found[0].owner
+        block = owner if isinstance(owner, ir.Block) else None
         same = next((m for b, m in groups if block is not None and b is not None and b == block), None)
         if same is not None:
-            same.append((reduce, g))
+            same.append((reduce, found))
         else:
-            groups.append((block, [(reduce, g)]))
+            groups.append((block, [(reduce, found)]))
     f64 = ir.RankedTensorType.get([], ir.F64Type.get())
     for key, members in groups:
-        if sum(math.prod(ir.RankedTensorType(g.type).shape) for _, g in members) < threshold:
+        gs = [g for _, (g, _, _) in members]
+        if sum(math.prod(ir.RankedTensorType(g.type).shape) for g in gs) < threshold:
             continue
         first = members[0][0]
         where = ir.InsertionPoint.at_block_begin(key) if key is not None else ir.InsertionPoint(first)
         with where, first.location:
-            call = stablehlo.CustomCallOp([f64] * len(members), [g for _, g in members], SUM_SQUARES_F32,
-                                          backend_config=ir.StringAttr.get(""))
+            call = stablehlo.CustomCallOp([f64] * len(gs), gs, SUM_SQUARES_F32, backend_config=ir.StringAttr.get(""))
             call.attributes["mhlo.backend_config"] = ir.DictAttr.get({})  # typed FFI, as jax.ffi.ffi_call
-        for (reduce, _), result in zip(members, call.results):
-            convert = _owner(reduce.operands[0], "stablehlo.convert")
-            square = _owner(convert.operands[0], "stablehlo.multiply")
+        for (reduce, (_, square, convert)), result in zip(members, call.results):
             reduce.results[0].replace_all_uses_with(result)
             reduce.erase()
             _erase_if_unused(convert)

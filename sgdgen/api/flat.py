@@ -142,9 +142,7 @@ def _concat_aligned(values: Sequence[np.ndarray], align: int = 64) -> np.ndarray
     n = sum(v.size for v in values)
     raw = np.empty(n * dtype.itemsize + align, np.uint8)
     start = -raw.ctypes.data % align
-    out = raw[start:start + n * dtype.itemsize].view(dtype)
-    np.concatenate([np.reshape(v, (-1,)) for v in values], out=out)
-    return out
+    return concat(values, out=raw[start:start + n * dtype.itemsize].view(dtype))
 
 
 def assign_all(owners: Sequence[Variable], values: Sequence[Any]) -> None:

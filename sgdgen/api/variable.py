@@ -133,7 +133,7 @@ class FlatBuffer:
         for k, v in values.items():
             offset, size, _ = self.members[k]
             new[offset:offset + size] = np.reshape(np.asarray(v), (-1,))
-        self.bind(backend.put_host([new], [self.array.sharding])[0])  # a buffer of its own: the step donates it
+        self.bind(backend.device_put(new, self.array.sharding))  # a copy of its own: the step donates it
 
 
 _slicers: dict[tuple[Any, ...], Any] = {}
@@ -258,8 +258,8 @@ class Variable:
         span other processes, whose shards this one cannot read), anything else from the host."""
         if hasattr(value, "sharding") and np.dtype(value.dtype) == dtype:
             return backend.device_put(value, self.layout.named_sharding(), copy=True)
-        # copied into a buffer of its own (put_host always copies): the variable owns it
-        return backend.put_host([np.asarray(value, dtype=dtype)], [self.layout.named_sharding()])[0]
+        # copied into a buffer of its own (host data always is): the variable owns it
+        return backend.device_put(np.asarray(value, dtype=dtype), self.layout.named_sharding())
 
     @property
     def value(self) -> Any:

@@ -101,9 +101,11 @@ class BucketPlan:
                 f"{sum(map(len, flat))} variables)")
 
 
-def concat(values: Sequence[Any], xp: Any = np) -> Any:
-    """One flat bucket from its members' values, in offset order (`xp`: numpy or jax.numpy)."""
-    return xp.concatenate([xp.reshape(v, (-1,)) for v in values])
+def concat(values: Sequence[Any], xp: Any = np, *, out: np.ndarray | None = None) -> Any:
+    """One flat bucket from its members' values, in offset order (`xp`: numpy or jax.numpy;
+    `out`: a NumPy array to write it into)."""
+    flat = [xp.reshape(v, (-1,)) for v in values]
+    return xp.concatenate(flat) if out is None else xp.concatenate(flat, out=out)
 
 
 def slices(flat: Any, members: Sequence[tuple[int, int, tuple[int, ...]]]) -> list[Any]:

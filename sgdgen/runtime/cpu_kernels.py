@@ -89,8 +89,7 @@ def available() -> bool:
 
 def register() -> None:
     """Makes the targets known to XLA before an executable that may call them is deserialized."""
-    if enabled_by_environment():
-        _load()
+    fingerprint()
 
 
 @functools.lru_cache(maxsize=64)

@@ -53,8 +53,8 @@ class ShardingMatcher:
 
 def put(slot: Slot, value: Any) -> Any:
     """A fresh device array of `value` in the slot's dtype and layout: always a copy (a NumPy view
-    of a jax.Array placed zero-copy would share the buffer the step donates; `backend.put_host`)."""
-    return backend.put_host([np.asarray(value, dtype=slot_dtype(slot))], [slot.layout.named_sharding()])[0]
+    of a jax.Array placed zero-copy would share the buffer the step donates; `backend.device_put`)."""
+    return backend.device_put(np.asarray(value, dtype=slot_dtype(slot)), slot.layout.named_sharding())
 
 
 def slot_dtype(slot: Slot) -> np.dtype:

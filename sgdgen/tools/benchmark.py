@@ -502,9 +502,9 @@ def norm_sum(model: Model, *, rounds: int, per_round: int, block: int = 1024) ->
         def narrow(g: list[Any]) -> Any:
             return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in g))
 
-        def kernel(g: list[Any]) -> Any:
-            call = jax.ffi.ffi_call(SUM_SQUARES_F32, jax.ShapeDtypeStruct((), jnp.float64))
-            return jnp.sqrt(sum(call(x) for x in g)).astype(jnp.float32)
+        def kernel(g: list[Any]) -> Any:  # as the step calls it: one call for the block's gradients
+            call = jax.ffi.ffi_call(SUM_SQUARES_F32, [jax.ShapeDtypeStruct((), jnp.float64)] * len(g))
+            return jnp.sqrt(sum(call(*g))).astype(jnp.float32)
 
         fns = {"float64": wide, "float32_blocked": blocked, "float32": narrow}
         if cpu_kernels.available() and jax.default_backend() == "cpu":
