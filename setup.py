@@ -1,4 +1,4 @@
-"""Builds sgdgen's optional CPU kernel library (csrc/cpu_kernels.cc) against the XLA FFI headers
+"""Builds sgdgen's optional CPU kernel library (csrc/*.cc) against the XLA FFI headers
 that jaxlib ships (`jax.ffi.include_dir()`); everything else is in pyproject.toml.
 
 The library is optional: without a C++ compiler, or without jaxlib's headers, the install
@@ -38,9 +38,9 @@ class _OptionalKernels(build_ext):
 
 KERNELS = Extension(
     "sgdgen.runtime._cpu_kernels",
-    sources=["csrc/cpu_kernels.cc"],
+    sources=["csrc/sum_squares.cc", "csrc/sgd_update.cc"],
     language="c++",
-    extra_compile_args=["-std=c++17", "-O3", "-Wno-attributes", "-Wno-return-type"],
+    extra_compile_args=["-std=c++17", "-O3", "-ffp-contract=off", "-Wno-attributes", "-Wno-return-type"],
     optional=True,  # a failed compile leaves sgdgen without its kernels, not uninstallable
 )
 

@@ -42,4 +42,4 @@ def register(name: str, summary: str, options: tuple[str, ...] = ()) -> Callable
     return wrap
 
 
-from sgdgen.passes import alias_buffers, cpu_kernels, fuse_step, insert_collectives, shard_weight_update  # noqa: E402,F401  (registration)
+from sgdgen.passes import alias_buffers, cpu_kernels, cpu_update, fuse_step, insert_collectives, shard_weight_update  # noqa: E402,F401  (registration)

@@ -92,3 +92,15 @@ def arg_attrs(func: ir.Operation, index: int, results: bool = False) -> ir.DictA
     if key not in func.attributes:
         return None
     return ir.DictAttr(ir.ArrayAttr(func.attributes[key])[index])
+
+
+def count_option(options: dict[str, str], name: str, default: int, op: Any) -> int:
+    """Pass option `name` (a non-negative integer, `default` when absent); PassError otherwise."""
+    text = options.get(name, str(default))
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise PassError(f"{name} must be a non-negative integer, got {text!r}", op)
+    return value

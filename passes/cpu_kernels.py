@@ -28,11 +28,9 @@ memory bandwidth.
 Anything else (other dtypes, partial reductions, products of two different values, a
 non-zero init) is left as it is.
 
-A call must see this device's values only: XLA's partitioner knows no sharding rule for it and
-would gather a sharded operand whole. So a sum is rewritten only where its operand is local:
-in a module of one partition (`mhlo.num_partitions = 1`, or none), or inside an
-`sdy.manual_computation` that is manual over every axis of the mesh (what
-`sgd-insert-collectives` builds). A stage-0 module on several devices is left alone.
+A call must see this device's values only (`sgdgen.passes.locality`): a sum is rewritten only
+in a module of one partition, or inside an `sdy.manual_computation` that is manual over every
+axis of the mesh. A stage-0 module on several devices is left alone.
 """
 
 from __future__ import annotations
@@ -41,29 +39,22 @@ import math
 from typing import Any
 
 from jaxlib.mlir import ir
-from jaxlib.mlir.dialects import sdy, stablehlo
+from jaxlib.mlir.dialects import stablehlo
 
 from sgdgen.passes import register
-from sgdgen.passes.common import PassError, guarded, int_attr, module_of, top_ops
+from sgdgen.passes.common import count_option, guarded, module_of
+from sgdgen.passes.locality import defining_op, local_blocks
 
 NAME = "sgd-cpu-kernels"
-#: the FFI target (csrc/cpu_kernels.cc), registered by sgdgen.runtime.cpu_kernels
+#: the FFI target (csrc/sum_squares.cc), registered by sgdgen.runtime.cpu_kernels
 SUM_SQUARES_F32 = "sgdgen_sum_squares_f32"
 #: a call summing fewer elements than this (all its operands) is not made: XLA's reduce is cheaper
 DEFAULT_MIN_ELEMENTS = 1 << 16
 
 
-def _owner(v: ir.Value, name: str) -> ir.Operation | None:
-    owner = v.owner
-    if isinstance(owner, ir.Block):
-        return None
-    owner = owner.operation if hasattr(owner, "operation") else owner
-    return owner if owner.name == name else None
-
-
 def _is_zero_f64(v: ir.Value) -> bool:
     """`v` is a float64 splat of +0.0 (the sum's init)."""
-    const = _owner(v, "stablehlo.constant")
+    const = defining_op(v, "stablehlo.constant")
     if const is None or ir.RankedTensorType(v.type).element_type != ir.F64Type.get():
         return False
     attr = ir.DenseFPElementsAttr(const.attributes["value"])
@@ -94,10 +85,10 @@ def _match(reduce: ir.Operation) -> tuple[ir.Value, ir.Operation, ir.Operation] 
         return None
     if not _is_add_body(reduce):
         return None
-    convert = _owner(wide, "stablehlo.convert")
+    convert = defining_op(wide, "stablehlo.convert")
     if convert is None:
         return None
-    square = _owner(convert.operands[0], "stablehlo.multiply")
+    square = defining_op(convert.operands[0], "stablehlo.multiply")
     if square is None or square.operands[0] != square.operands[1]:
         return None
     g = square.operands[0]
@@ -107,22 +98,14 @@ def _match(reduce: ir.Operation) -> tuple[ir.Value, ir.Operation, ir.Operation] 
     return g, square, convert
 
 
-def _mesh_axes(module: ir.Operation) -> set[str]:
-    return {sdy.MeshAxisAttr(a).name for op in top_ops(module) if op.name == "sdy.mesh"
-            for a in sdy.MeshAttr(op.attributes["mesh"]).axes}
-
-
-def _walk(op: ir.Operation, local: bool, mesh_axes: set[str], found: list[ir.Operation]) -> None:
-    """Collects the reduces whose operands are this device's values (see the module docstring)."""
+def _reduces(op: ir.Operation, found: list[ir.Operation]) -> None:
     for region in op.regions:
         for block in region.blocks:
             for child in block.operations:
                 child = child.operation
-                if child.name == "stablehlo.reduce" and local:
+                if child.name == "stablehlo.reduce":
                     found.append(child)
-                inner = local or (child.name == "sdy.manual_computation" and mesh_axes <= set(
-                    sdy.ManualAxesAttr(child.attributes["manual_axes"])))
-                _walk(child, inner, mesh_axes, found)
+                _reduces(child, found)
 
 
 def _erase_if_unused(op: ir.Operation | None) -> None:
@@ -133,15 +116,13 @@ def _erase_if_unused(op: ir.Operation | None) -> None:
 def _rewrite(op: Any, **options: str) -> None:
     """Replaces each large float32 norm sum by a call of the sum-of-squares kernel."""
     module = module_of(op)
-    min_elements = options.get("min-elements", str(DEFAULT_MIN_ELEMENTS))
-    try:
-        threshold = int(min_elements)
-    except ValueError:
-        threshold = -1
-    if threshold < 0:
-        raise PassError(f"min-elements must be a non-negative integer, got {min_elements!r}", module)
+    threshold = count_option(options, "min-elements", DEFAULT_MIN_ELEMENTS, module)
     reduces: list[ir.Operation] = []
-    _walk(module, (int_attr(module, "mhlo.num_partitions") or 1) == 1, _mesh_axes(module), reduces)
+    for block in local_blocks(module):
+        for child in block.operations:
+            if child.operation.name == "stablehlo.reduce":
+                reduces.append(child.operation)
+            _reduces(child.operation, reduces)
     # sums of the same block's arguments share one call (placed at the block's start); a sum of a
     # computed value gets a call of its own, before it
     groups: list[tuple[ir.Block | None, list[tuple[ir.Operation, tuple[ir.Value, ir.Operation, ir.Operation]]]]] = []

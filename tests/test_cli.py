@@ -34,7 +34,8 @@ VARS = [
 ]
 #: sum of nbytes: 8*16*4 + 16*4 + 4*8*4
 VAR_BYTES = 512 + 64 + 128
-PASSES = ("sgd-fuse-step", "sgd-insert-collectives", "sgd-shard-weight-update", "sgd-alias-buffers", "sgd-cpu-kernels")
+PASSES = ("sgd-fuse-step", "sgd-insert-collectives", "sgd-shard-weight-update", "sgd-alias-buffers", "sgd-cpu-kernels",
+          "sgd-cpu-update")
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,9 @@ from sgdgen.runtime.program import StepProgram
 
 INT64_MAX = 2 ** 63 - 1
 MESHES = {"1": Mesh(()), "2x4": Mesh({"batch": 2, "model": 4})}
+#: "1-large": one device, variables large enough for the CPU update kernel (sgd-cpu-update), whose
+#: skip must keep every bit too
+MESH_KINDS = {"1": "1", "2x4": "2x4", "1-large": "1"}
 #: Per config, which steps get which bad value (variable index, element, value); other steps are finite.
 BAD = {1: (0, (0, 7), np.nan), 3: (1, (5,), np.inf), 4: (0, (3, 0), -np.inf)}
 CONFIGS = {
@@ -37,12 +40,13 @@ CONFIGS = {
 }
 
 
-def _specs(mesh: Mesh) -> tuple[VarSpec, ...]:
+def _specs(mesh: Mesh, large: bool = False) -> tuple[VarSpec, ...]:
     """A kernel sharded over "model" (its element (0, 7) lives on the last model shard only) and a
-    bias sharded over "batch"; on one device, both unsharded."""
+    bias sharded over "batch"; on one device, both unsharded (`large`: 65,536 elements each)."""
     if not mesh.axes:
-        return (VarSpec("w", (4, 8), "float32", Layout.replicated(mesh, 2)),
-                VarSpec("b", (8,), "float32", Layout.replicated(mesh, 1), decay=False))
+        w, b = ((256, 256), (65536,)) if large else ((4, 8), (8,))
+        return (VarSpec("w", w, "float32", Layout.replicated(mesh, 2)),
+                VarSpec("b", b, "float32", Layout.replicated(mesh, 1), decay=False))
     return (VarSpec("w", (4, 8), "float32", Layout(["unsharded", "model"], mesh)),
             VarSpec("b", (8,), "float32", Layout(["batch"], mesh), decay=False))
 
@@ -73,11 +77,11 @@ def _close(got: np.ndarray, want: np.ndarray) -> bool:
     return float(np.max(np.abs(np.asarray(got) - want))) <= 1e-6 * scale
 
 
-@pytest.mark.parametrize("mesh_kind", sorted(MESHES))
+@pytest.mark.parametrize("mesh_kind", sorted(MESH_KINDS))
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_step_skips_nonfinite_gradients_like_the_reference(mesh_kind: str, name: str) -> None:
-    mesh = MESHES[mesh_kind]
-    specs = _specs(mesh)
+    mesh = MESHES[MESH_KINDS[mesh_kind]]
+    specs = _specs(mesh, large=mesh_kind == "1-large")
     config = SGDConfig.create(0.1, skip_nonfinite=True, **CONFIGS[name])
     step = Step(StepProgram(config, specs, mesh))
     init = _values(0, specs)

@@ -1,5 +1,5 @@
-// sgdgen's CPU kernels, called through XLA's FFI from the CPU executable only (never from the
-// portable step.mlirbc). Built at install by setup.py against the FFI headers jaxlib ships;
+// One of sgdgen's CPU kernels, called through XLA's FFI from the CPU executable only (never from
+// the portable step.mlirbc). Built at install by setup.py against the FFI headers jaxlib ships;
 // loaded and registered by sgdgen/runtime/cpu_kernels.py; inserted by the sgd-cpu-kernels pass.
 //
 // sgdgen_sum_squares_f32(g_1, ..., g_N: f32[...]) -> N x f64[]: for each operand, the sum over
@@ -11,12 +11,10 @@
 // the result does not depend on how many threads ran it.
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
-#include <memory>
-#include <thread>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -48,35 +46,17 @@ double BlockSum(const float* x, int64_t n) {
   return s;
 }
 
-// Blocks (of every operand) are claimed from a shared counter by the calling thread and by tasks
-// on XLA's pool. The caller only ever waits for blocks another thread has claimed (and is running),
-// never for a task still queued, so a busy pool cannot deadlock it. Tasks keep the state alive.
-struct Job {
-  struct Block {
-    const float* x;
-    int64_t n;
-  };
-  std::vector<Block> blocks;
-  std::vector<double> partial;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-
-  void Work() {
-    const int64_t count = static_cast<int64_t>(blocks.size());
-    for (int64_t b; (b = next.fetch_add(1, std::memory_order_relaxed)) < count;) {
-      partial[b] = BlockSum(blocks[b].x, blocks[b].n);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
 // Any number of float32 operands, one float64 scalar result each: the norms of many small gradients
 // in one call (a call costs more than a small sum), a large one split over the pool.
 ffi::Error SumSquaresF32(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingRets rets) {
   if (args.size() != rets.size() || args.size() == 0) {
     return ffi::Error::InvalidArgument("sgdgen_sum_squares_f32 takes N float32 arrays and returns N float64 scalars");
   }
-  auto job = std::make_shared<Job>();
+  struct Block {
+    const float* x;
+    int64_t n;
+  };
+  std::vector<Block> blocks;
   std::vector<double*> results;
   std::vector<int64_t> first_block;  // operand i owns blocks [first_block[i], first_block[i + 1])
   for (size_t i = 0; i < args.size(); ++i) {
@@ -88,24 +68,22 @@ ffi::Error SumSquaresF32(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Rem
     }
     const float* x = g->typed_data<float>();
     const int64_t n = static_cast<int64_t>(g->element_count());
-    first_block.push_back(static_cast<int64_t>(job->blocks.size()));
-    const int64_t blocks = std::max<int64_t>(1, (n + kBlock - 1) / kBlock);  // an empty operand: one empty block
-    for (int64_t k = 0; k < blocks; ++k) job->blocks.push_back({x + k * kBlock, std::min(kBlock, n - k * kBlock)});
+    first_block.push_back(static_cast<int64_t>(blocks.size()));
+    const int64_t count = std::max<int64_t>(1, (n + kBlock - 1) / kBlock);  // an empty operand: one empty block
+    for (int64_t k = 0; k < count; ++k) blocks.push_back({x + k * kBlock, std::min(kBlock, n - k * kBlock)});
     results.push_back((*out)->typed_data<double>());
   }
-  first_block.push_back(static_cast<int64_t>(job->blocks.size()));
-  const int64_t count = static_cast<int64_t>(job->blocks.size());
-  job->partial.assign(count, 0.0);
+  first_block.push_back(static_cast<int64_t>(blocks.size()));
+  const int64_t count = static_cast<int64_t>(blocks.size());
+  std::vector<double> partial(count, 0.0);
   int64_t elements = 0;
-  for (const auto& b : job->blocks) elements += b.n;
+  for (const auto& b : blocks) elements += b.n;
   // one thread for little work: waking the pool costs more than summing a few hundred KiB
-  const int64_t helpers = elements < 2 * kBlock ? 0 : std::min<int64_t>(pool.num_threads(), count) - 1;
-  for (int64_t k = 0; k < helpers; ++k) pool.Schedule([job] { job->Work(); });
-  job->Work();
-  while (job->done.load(std::memory_order_acquire) < count) std::this_thread::yield();
+  const int64_t helpers = elements < 2 * kBlock ? 0 : count - 1;
+  sgdgen::ParallelFor(pool, count, helpers, [&](int64_t b) { partial[b] = BlockSum(blocks[b].x, blocks[b].n); });
   for (size_t i = 0; i < results.size(); ++i) {
     double s = 0.0;
-    for (int64_t b = first_block[i]; b < first_block[i + 1]; ++b) s += job->partial[b];  // block order
+    for (int64_t b = first_block[i]; b < first_block[i + 1]; ++b) s += partial[b];  // block order
     *results[i] = s;
   }
   return ffi::Error::Success();
