@@ -36,6 +36,7 @@ from sgdgen.frontend import schedules
 from sgdgen.frontend.config import SGDConfig
 from sgdgen.frontend.schedules import LearningRateSchedule
 from sgdgen.frontend.spec import Layout, Mesh, SpecError, VarSpec, canonical_dtype, numpy_dtype
+from sgdgen.runtime import gcpause
 from sgdgen.runtime.core import Step, uninterruptible
 from sgdgen.runtime.executable import ShardingMatcher
 from sgdgen.runtime.program import StepProgram
@@ -135,6 +136,7 @@ class SGD:
         self._name_scope: str | None = None  # set by apply_gradients while it builds (tf_keras' name_scope)
         self._constraints: dict[tuple[Any, Any], Any] = {}  # (constraint, sharding) -> jitted function
         self._built = False
+        self._stepped = False  # whether apply_gradients has returned once (the first call pauses the GC)
         self._index: dict[int, int] = {}
         self._tracked: list[Variable] = []
         self._momenta: list[Variable] = []
@@ -458,7 +460,12 @@ class SGD:
         warning; all-None raises. Returns `iterations`.
         """
         with self._lock:
-            return self._apply_gradients(list(grads_and_vars), name)
+            if self._stepped:
+                return self._apply_gradients(list(grads_and_vars), name)
+            with gcpause.paused():  # the first step builds every slot and its helpers (sgdgen.runtime.gcpause)
+                out = self._apply_gradients(list(grads_and_vars), name)
+            self._stepped = True
+            return out
 
     def _apply_gradients(self, pairs: list[tuple[Any, Variable]], name: str | None, *,
                          flat_grads: dict[int, Any] | None = None) -> Variable:
@@ -876,10 +883,15 @@ class SGD:
         Weight decay per variable is read from the artifact, or from `exclude_from_weight_decay`
         (needed for a bucketed artifact whose buckets of one dtype differ in weight decay).
         A bucketed artifact's plan is rebuilt from `variables` and must match the stored one."""
+        with gcpause.paused():  # thousands of objects at once (sgdgen.runtime.gcpause)
+            return cls._load_artifact(path, list(variables), mesh, exclude_from_weight_decay)
+
+    @classmethod
+    def _load_artifact(cls, path: Any, variables: list[Variable], mesh: Any,
+                       exclude_from_weight_decay: Iterable[Variable] | None) -> SGD:
         from sgdgen.io import artifact
         from sgdgen.runtime.cache import default_cache
 
-        variables = list(variables)
         art = artifact.read(path)  # read and verified once
         opt = cls.from_config(art.manifest.config, mesh=mesh if mesh is not None else art.program.mesh)
         if exclude_from_weight_decay is not None:

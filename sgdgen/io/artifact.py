@@ -125,17 +125,21 @@ def _named(text: str, name: str) -> str:
 # ---- writing ----------------------------------------------------------------------------
 
 
-def _random_inputs(step: StepExecutable, seed: int) -> list[Any]:
+def _random_host_inputs(abi: Any, seed: int) -> list[Any]:
+    """Reproducible step inputs on the host: uniform in [-1, 1) (drawn in float32: a float64
+    normal draw took 17 s of a 28 s save at 51M parameters on 8 devices)."""
     rng = np.random.default_rng(seed)
-    out = []
-    for slot in step.abi.inputs:
+    out: list[Any] = []
+    for slot in abi.inputs:
         if slot.role == "iterations":
-            host = np.int64(rng.integers(0, 1000))
+            out.append(np.int64(rng.integers(0, 1000)))
         elif slot.role == "learning_rate":
-            host = np.float32(0.1)
+            out.append(np.float32(0.1))
         else:
-            host = rng.standard_normal(slot.shape).astype(np.float32).astype(slot_dtype(slot))
-        out.append(step.put(slot, host))
+            x = rng.random(slot.shape, dtype=np.float32)
+            x *= 2
+            x -= 1
+            out.append(x.astype(slot_dtype(slot), copy=False))
     return out
 
 
@@ -147,7 +151,9 @@ def _verified_executable(program: StepProgram, devices: list[Any], platform: dic
     blob = backend.serialize_executable(fresh.executable)
     loaded = StepExecutable.wrap(cpu_kernels.deserialize_executable(blob, devices), program.abi, program.mesh)
     _check_signature(Path("<new artifact>"), loaded, name)
-    want, got = fresh(_random_inputs(fresh, 0)), loaded(_random_inputs(loaded, 0))
+    host = _random_host_inputs(program.abi, 0)
+    want = fresh([fresh.put(slot, x) for slot, x in zip(program.abi.inputs, host)])
+    got = loaded([loaded.put(slot, x) for slot, x in zip(program.abi.inputs, host)])
     for slot, a, b in zip(program.abi.outputs, want, got):
         if np.asarray(a).tobytes() != np.asarray(b).tobytes():
             raise ArtifactError(f"the serialized executable does not reproduce the compiled step ({slot.name!r} "
