@@ -175,3 +175,17 @@ def test_strict_precision_changes_a_bfloat16_program_and_not_a_float32_one() -> 
         assert (strict != loose) is changes, dtype
         if changes:
             assert strict.count("convert") > loose.count("convert")
+
+
+def test_ffi_kernel_bytes_count_each_calls_operands_and_results() -> None:
+    # XLA's cost analysis says 0 for a custom call: the bench adds what sgdgen's calls read and write
+    hlo = """ENTRY %main {
+  %g = f32[1024,1024]{1,0} parameter(0)
+  %w = f32[1024,1024]{1,0} parameter(1)
+  %lr = f32[] parameter(2)
+  %n = (f64[], /*index=1*/f64[]) custom-call(%g, /*index=1*/%w), custom_call_target="sgdgen_sum_squares_f32"
+  %u = (f32[1024,1024]{1,0}) custom-call(%g, %w, /*index=2*/%lr), custom_call_target="sgdgen_sgd_update_f32"
+  %o = f32[1024,1024]{1,0} custom-call(%g), custom_call_target="someone_elses"
+}"""
+    mib = 1 << 22  # one f32[1024,1024]
+    assert benchmark._ffi_bytes(hlo) == (16 + 2 * mib) + (mib + 2 * mib + 4)  # results + operands, per call

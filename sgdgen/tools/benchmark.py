@@ -34,6 +34,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -376,6 +377,36 @@ def _cost_bytes(executable: Any) -> float | None:
     return float(value) if value is not None else None
 
 
+_HLO_DEF = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\([^()]*\)|\S+) ([\w\-]+)\((.*?)\)")
+_ARRAY = re.compile(r"\b(pred|[sufc]\d+|bf16|f8\w*)\[([\d,]*)\]")
+_BYTES = {"pred": 1, "bf16": 2}
+
+
+def _shape_bytes(shape: str) -> int:
+    """Bytes of an HLO shape (an array or a tuple of arrays): `f32[8,4]{1,0}` is 128."""
+    total = 0
+    for dtype, dims in _ARRAY.findall(shape):
+        size = _BYTES.get(dtype) or max(1, int(re.sub(r"\D", "", dtype) or 8) // 8)
+        total += size * math.prod(int(d) for d in dims.split(",") if d)
+    return total
+
+
+def _ffi_bytes(hlo: str) -> int:
+    """Bytes sgdgen's FFI kernels read and write per call (operands + results), which XLA's cost
+    analysis counts as 0: its custom calls are opaque to it."""
+    total, shapes = 0, {}
+    for line in hlo.splitlines():
+        m = _HLO_DEF.match(line)
+        if m is None:
+            continue
+        name, shape, op, operands = m.groups()
+        shapes[name] = shape
+        if op == "custom-call" and 'custom_call_target="sgdgen_' in line:
+            total += _shape_bytes(shape) + sum(_shape_bytes(shapes.get(o, ""))
+                                               for o in re.findall(r"%([\w.\-]+)", operands))
+    return total
+
+
 def _memory(executable: Any) -> dict[str, int] | None:
     try:
         m = executable.memory_analysis()
@@ -415,6 +446,7 @@ def bench_model(model: Model, *, rounds: int, per_round: int) -> dict[str, Any]:
         if exe is not None:
             nbytes = _cost_bytes(exe)
             if nbytes is not None:
+                nbytes += _ffi_bytes(_hlo(c))
                 row["bytes_per_param"] = nbytes / model.parameters
             mem = backend.memory_stats(exe) if c.sgdgen_exe is not None else None
             if mem is not None:
