@@ -1,4 +1,4 @@
-"""sgdgen's CPU kernel (csrc/cpu_kernels.cc) and where it is used (sgdgen.runtime.cpu_kernels).
+"""sgdgen's CPU kernel (csrc/sum_squares.cc) and where it is used (sgdgen.runtime.cpu_kernels).
 
 The kernel replaces XLA's float64 reduce in a float32 norm: the sum over g of float64(g*g), the
 products rounded in float32 (SEMANTICS §6). A float64 sum of n non-negative terms, in any order,
@@ -38,7 +38,7 @@ def without_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_the_install_built_the_kernel_library() -> None:
     # setup.py builds it optionally (a machine without a C++ compiler still installs); the machines
     # this project is tested on have one, so a silently skipped build is a failure here.
-    assert cpu_kernels.library_path() is not None, "csrc/cpu_kernels.cc was not built: see setup.py's warning"
+    assert cpu_kernels.library_path() is not None, "csrc/*.cc were not built: see setup.py's warning"
     assert cpu_kernels.available() and cpu_kernels.fingerprint().startswith("sgdgen-cpu-kernels-")
 
 

@@ -1,14 +1,14 @@
-"""sgdgen's optional CPU kernels (csrc/cpu_kernels.cc), called through XLA's FFI by CPU executables.
+"""sgdgen's optional CPU kernels (csrc/), called through XLA's FFI by CPU executables.
 
 The library is built at install (setup.py) and loaded here on first use, which registers its
 FFI targets with JAX for the CPU platform. Every executable sgdgen builds goes through this
 module (`compile_text`, `deserialize_executable`; the `sgdgen_step` lowering calls `rewrite`):
 for CPU devices the `sgd-cpu-kernels` pass swaps float32 norm sums for kernel
-calls. The portable `step.mlirbc`, `jax.export` and other platforms never see a call.
+calls and `sgd-cpu-update` each large float32 variable's update for one call. The portable `step.mlirbc`, `jax.export` and other platforms never see a call.
 
 Without the library (no C++ compiler at install) or with `SGDGEN_CPU_KERNELS=0`, `rewrite`
-returns its text unchanged and XLA's own reduce runs: same contract (SEMANTICS §6), slower
-(docs/numerics.md §3a). `fingerprint()` names the library in use ("" for none) so that cache
+returns its text unchanged and XLA's own reduce and fusions run: same contract (SEMANTICS §6),
+slower (docs/numerics.md §3a-§3b). `fingerprint()` names the library in use ("" for none) so that cache
 keys and artifacts tell executables with and without kernel calls apart.
 """
 
