@@ -39,6 +39,7 @@ class _OptionalKernels(build_ext):
 KERNELS = Extension(
     "sgdgen.runtime._cpu_kernels",
     sources=["csrc/sum_squares.cc", "csrc/sgd_update.cc"],
+    depends=["csrc/parallel.h"],
     language="c++",
     extra_compile_args=["-std=c++17", "-O3", "-ffp-contract=off", "-Wno-attributes", "-Wno-return-type"],
     optional=True,  # a failed compile leaves sgdgen without its kernels, not uninstallable
