@@ -43,7 +43,7 @@ from jaxlib.mlir.dialects import stablehlo
 
 from sgdgen.passes import register
 from sgdgen.passes.common import count_option, guarded, module_of
-from sgdgen.passes.locality import defining_op, local_blocks
+from sgdgen.passes.locality import defining_op, local_blocks, splat_float
 
 NAME = "sgd-cpu-kernels"
 #: the FFI target (csrc/sum_squares.cc), registered by sgdgen.runtime.cpu_kernels
@@ -54,13 +54,7 @@ DEFAULT_MIN_ELEMENTS = 1 << 16
 
 def _is_zero_f64(v: ir.Value) -> bool:
     """`v` is a float64 splat of +0.0 (the sum's init)."""
-    const = defining_op(v, "stablehlo.constant")
-    if const is None or ir.RankedTensorType(v.type).element_type != ir.F64Type.get():
-        return False
-    attr = ir.DenseFPElementsAttr(const.attributes["value"])
-    if not attr.is_splat:
-        return False
-    value = attr.get_splat_value().value
+    value = splat_float(v, ir.F64Type.get())
     return value == 0.0 and math.copysign(1.0, value) > 0
 
 

@@ -36,7 +36,7 @@ from jaxlib.mlir.dialects import stablehlo
 
 from sgdgen.passes import register
 from sgdgen.passes.common import count_option, guarded, module_of
-from sgdgen.passes.locality import defining_op, donated_to, local_blocks
+from sgdgen.passes.locality import defining_op, donated_to, local_blocks, splat_float
 
 NAME = "sgd-cpu-update"
 #: the FFI target (csrc/sgd_update.cc), registered by sgdgen.runtime.cpu_kernels
@@ -110,13 +110,8 @@ def _flag_choices(clip: int, skip: bool) -> list[Flags]:
 
 def _splat_bits(v: ir.Value) -> int | None:
     """The float32 bit pattern of `v` when it is a float32 splat constant (any shape), else None."""
-    const = defining_op(v, "stablehlo.constant")
-    if const is None or ir.RankedTensorType(v.type).element_type != ir.F32Type.get():
-        return None
-    attr = ir.DenseElementsAttr(const.attributes["value"])
-    if not attr.is_splat:
-        return None
-    return struct.unpack("<I", struct.pack("<f", ir.DenseFPElementsAttr(attr).get_splat_value().value))[0]
+    value = splat_float(v, ir.F32Type.get())
+    return None if value is None else struct.unpack("<I", struct.pack("<f", value))[0]
 
 
 def _is_scalar(v: ir.Value, element: ir.Type) -> bool:

@@ -26,6 +26,15 @@ def defining_op(v: ir.Value, name: str | None = None) -> ir.Operation | None:
     return owner if name is None or owner.name == name else None
 
 
+def splat_float(v: ir.Value, element: ir.Type) -> float | None:
+    """The value of `v` when it is a splat constant of element type `element` (any shape), else None."""
+    const = defining_op(v, "stablehlo.constant")
+    if const is None or ir.RankedTensorType(v.type).element_type != element:
+        return None
+    attr = ir.DenseElementsAttr(const.attributes["value"])
+    return ir.DenseFPElementsAttr(attr).get_splat_value().value if attr.is_splat else None
+
+
 def mesh_axes(module: ir.Operation) -> set[str]:
     return {sdy.MeshAxisAttr(a).name for op in top_ops(module) if op.name == "sdy.mesh"
             for a in sdy.MeshAttr(op.attributes["mesh"]).axes}
