@@ -14,6 +14,7 @@ program is deterministic, so the tolerance is zero.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -174,7 +175,8 @@ def test_sigint_at_random_times_never_loses_the_state(private_xla_cache) -> None
     and the state bit-equal to that many uninterrupted steps."""
     interrupts = 20
     child = run_child(f"""
-        import time
+        import faulthandler, signal, time
+        faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test's diagnosis of a lost SIGINT
         opt, vs = make()
         opt.apply_gradients(zip(grads(vs), vs))
         done, checks, inside = 1, [], 0
@@ -204,9 +206,21 @@ def test_sigint_at_random_times_never_loses_the_state(private_xla_cache) -> None
             return lines.get(timeout=timeout).strip()
         except queue.Empty:
             child.kill()
-            raise AssertionError(f"no output from the child for {timeout} s: {child.stderr.read()[-3000:]}") from None
+            raise AssertionError(f"no output from the child for {timeout} s; threads: {diagnosis}; "
+                                 f"stderr: {child.stderr.read()[-6000:]}") from None
 
-    resent = 0
+    resent, diagnosis = 0, []
+
+    def diagnose() -> None:
+        """What the child does when a SIGINT raised nothing: each thread's signal mask and wait
+        channel, and (through faulthandler) every thread's Python stack on its stderr."""
+        for tid in sorted(os.listdir(f"/proc/{child.pid}/task")):
+            with contextlib.suppress(OSError):
+                status = open(f"/proc/{child.pid}/task/{tid}/status").read().splitlines()
+                wchan = open(f"/proc/{child.pid}/task/{tid}/wchan").read()
+                diagnosis.append(f"{tid} {wchan} " + " ".join(x for x in status if x.startswith(("State", "Sig"))))
+        child.send_signal(signal.SIGUSR1)
+
     try:
         assert line() == "ready"
         for _ in range(interrupts):
@@ -219,10 +233,11 @@ def test_sigint_at_random_times_never_loses_the_state(private_xla_cache) -> None
                     break
                 except queue.Empty:
                     resent += 1
+                    diagnose() if resent == 1 else None
                     child.send_signal(signal.SIGINT)
             else:
-                got = line()
-            assert got == "checked"
+                got = line(timeout=20)
+            assert got == "checked", diagnosis
         child.wait(timeout=240)
         out, err = "".join(iter_queue(lines)), child.stderr.read()
     finally:
