@@ -151,6 +151,7 @@ class SGD:
         self._flat: Buckets | None = None  # with buckets=True, once built: the flat buckets (sgdgen.api.flat)
         self._last_flat_grads: dict[int, Any] | None = None  # compute_gradients' flat gradients, for minimize
         self._grad_specs: dict[int, tuple[Any, Any, Any]] = {}  # per variable: a gradient (shape, dtype, sharding) checked
+        self._last_call: _RepeatedCall | None = None  # the last step's resolution, for a loop repeating it
         self._lock = threading.RLock()  # one step (or state change) at a time per optimizer (issue 16.6)
 
     # ---- configuration -----------------------------------------------------------------
@@ -469,6 +470,15 @@ class SGD:
 
     def _apply_gradients(self, pairs: list[tuple[Any, Variable]], name: str | None, *,
                          flat_grads: dict[int, Any] | None = None) -> Variable:
+        call = self._repeated_call(pairs) if flat_grads is None else None
+        if call is not None:  # the last call's variables, with gradients like its own (a training loop)
+            lr = self._lr_value(self._config)
+            if call.constrained:
+                self._check_constraints(call.variables)
+            call.run(call.gradients(pairs), lr)
+            if call.constrained:
+                self._apply_constraints(call.variables)
+            return self._iterations
         _refuse_tracers(pairs)
         if not pairs:
             return self._iterations
@@ -517,12 +527,34 @@ class SGD:
             self.build(variables)
         finally:
             self._name_scope = None
-        if self._flat is not None:
-            self._run_buckets(stepped, placed, self._config, lr, flat_grads=flat_grads)
-        else:
-            self._run(stepped, placed, self._config, decay, lr)
+        run = self._bucket_call(stepped, self._config) if self._flat is not None else \
+            self._call(stepped, self._config, decay)
+        run(placed, lr, flat_grads) if flat_grads is not None else run(placed, lr)
+        if flat_grads is None and len(stepped) == len(pairs):
+            self._remember_call(pairs, placed, run)
         self._apply_constraints(stepped)
         return self._iterations
+
+    def _state_objects(self) -> tuple[Any, ...]:
+        """What a remembered call was resolved against: the config, the buckets, the slot lists
+        and the counters (by identity; any of them replaced, the call is resolved again)."""
+        return (self._config, self._flat, self._momenta, self._averages, self._iterations, self._skipped)
+
+    def _remember_call(self, pairs: Sequence[tuple[Any, Variable]], placed: Sequence[Any], run: Any) -> None:
+        """Keeps this step's resolution for the next call with the same variables, when every
+        gradient was a jax.Array taken as it is (see `_RepeatedCall`)."""
+        import jax
+
+        if all(p is g and isinstance(g, jax.Array) for p, (g, _) in zip(placed, pairs)):
+            self._last_call = _RepeatedCall.of(pairs, self._state_objects(), run)
+        else:
+            self._last_call = None
+
+    def _repeated_call(self, pairs: Sequence[tuple[Any, Variable]]) -> _RepeatedCall | None:
+        call = self._last_call
+        if call is None or not call.matches(pairs, self._state_objects()):
+            return None
+        return call
 
     @staticmethod
     def _refuse_partial_buckets(plan: bucketing.BucketPlan, variables: Sequence[Variable], stepped: set[int]) -> None:
@@ -563,52 +595,62 @@ class SGD:
         (of `variables`) are packed per flat bucket in one jitted call, or given flat (`flat_grads`,
         bucket -> array, from `minimize`); results are bound to the buffers, views invalidated."""
         with self._lock:
-            flat = self._flat
-            plan = flat.plan
-            present = self._present_buckets(plan, variables, self._tracked)
-            step = self._bucket_step(plan, present, config)
-            grad_of = {v._unique_id: g for v, g in zip(variables, grads)}
-            if flat_grads is None:
-                packed_buckets = [b for b in present if flat.flat(b)]
-                packed = flat.pack_gradients(packed_buckets, [[grad_of[self._tracked[k]._unique_id]
-                                                               for k in plan.contents[b]] for b in packed_buckets])
-                flat_grads = dict(zip(packed_buckets, packed))
-            else:  # from jax.grad over the buckets: laid out as the buckets are (a no-op put)
-                flat_grads = {b: backend.device_put(x, step.abi.slot("variable", present.index(b)).layout
-                                                    .named_sharding()) for b, x in flat_grads.items()}
-            it = self._iterations
-            narrow = it.dtype != np.int64
-            counter = self._counter(it.value, np.int64, it) if narrow else it.value
-            skipped = self._skipped if config.skip_nonfinite else None
-            owners: dict[str, list[Any]] = {r: [] for r in ROLES}
-            g_in = []
-            for b in present:
-                if flat.flat(b):
-                    bufs = flat.buffers[b]
-                    for r in owners:
-                        if r in bufs:
-                            owners[r].append(bufs[r])
-                    g_in.append(flat_grads[b])
-                else:
-                    k = plan.contents[b][0]
-                    owners["variable"].append(self._tracked[k])
-                    owners["momentum"].append(self._momenta[k])
-                    if config.use_ema:
-                        owners["average"].append(self._averages[k])
-                    g_in.append(grad_of[self._tracked[k]._unique_id])
-            value = lambda o: o.array if isinstance(o, FlatBuffer) else o.value  # noqa: E731
-            state = StepState(counter, tuple(map(value, owners["momentum"])), tuple(map(value, owners["average"])),
-                              skipped.value if skipped is not None else None)
-            with uninterruptible():
-                params, new = step.apply(state, [value(o) for o in owners["variable"]], g_in, lr,
-                                         grads_checked=True)
-                counter = self._counter(new.iterations, it.dtype, it) if narrow else new.iterations
-                targets = [it, *owners["variable"], *owners["momentum"], *owners["average"],
-                           *([skipped] if skipped is not None else [])]
-                values = [counter, *params, *new.momenta, *new.averages,
-                          *([new.skipped] if skipped is not None else [])]
-                for owner, v in zip(targets, values, strict=True):
-                    owner.bind(v) if isinstance(owner, FlatBuffer) else owner._bind(v)
+            self._bucket_call(variables, config)(grads, lr, flat_grads)
+
+    def _bucket_call(self, variables: Sequence[Variable], config: SGDConfig) -> Callable[..., None]:
+        """`_run_buckets` for these variables, resolved once (buckets, step, owners, which gradient
+        goes where): `run(grads, lr, flat_grads=None)` costs O(buckets) beyond the packing."""
+        flat = self._flat
+        plan = flat.plan
+        present = self._present_buckets(plan, variables, self._tracked)
+        step = self._bucket_step(plan, present, config)
+        position = {v._unique_id: i for i, v in enumerate(variables)}
+        packed_buckets = [b for b in present if flat.flat(b)]
+        members = [[position[self._tracked[k]._unique_id] for k in plan.contents[b]] for b in packed_buckets]
+        sources: list[tuple[int, int | None]] = []  # per present bucket: (bucket, None) flat, (-1, i) grads[i]
+        owners: dict[str, list[Any]] = {r: [] for r in ROLES}
+        for b in present:
+            if flat.flat(b):
+                bufs = flat.buffers[b]
+                for r in owners:
+                    if r in bufs:
+                        owners[r].append(bufs[r])
+                sources.append((b, None))
+            else:
+                k = plan.contents[b][0]
+                owners["variable"].append(self._tracked[k])
+                owners["momentum"].append(self._momenta[k])
+                if config.use_ema:
+                    owners["average"].append(self._averages[k])
+                sources.append((-1, position[self._tracked[k]._unique_id]))
+        it = self._iterations
+        narrow = it.dtype != np.int64
+        skipped = self._skipped if config.skip_nonfinite else None
+        targets = [it, *owners["variable"], *owners["momentum"], *owners["average"],
+                   *([skipped] if skipped is not None else [])]
+        value = lambda o: o.array if isinstance(o, FlatBuffer) else o.value  # noqa: E731
+
+        def run(grads: Sequence[Any], lr: np.float32 | None, flat_grads: dict[int, Any] | None = None) -> None:
+            with self._lock:
+                if flat_grads is None:
+                    packed = flat.pack_gradients(packed_buckets, [[grads[i] for i in ks] for ks in members])
+                    flat_grads = dict(zip(packed_buckets, packed))
+                else:  # from jax.grad over the buckets: laid out as the buckets are (a no-op put)
+                    flat_grads = {b: backend.device_put(x, step.abi.slot("variable", present.index(b)).layout
+                                                        .named_sharding()) for b, x in flat_grads.items()}
+                g_in = [flat_grads[b] if i is None else grads[i] for b, i in sources]
+                counter = self._counter(it.value, np.int64, it) if narrow else it.value
+                state = StepState(counter, tuple(map(value, owners["momentum"])), tuple(map(value, owners["average"])),
+                                  skipped.value if skipped is not None else None)
+                with uninterruptible():
+                    params, new = step.apply(state, [value(o) for o in owners["variable"]], g_in, lr,
+                                             grads_checked=True)
+                    counter = self._counter(new.iterations, it.dtype, it) if narrow else new.iterations
+                    values = [counter, *params, *new.momenta, *new.averages,
+                              *([new.skipped] if skipped is not None else [])]
+                    for owner, v in zip(targets, values, strict=True):
+                        owner.bind(v) if isinstance(owner, FlatBuffer) else owner._bind(v)
+        return run
 
     def _lr_value(self, config: SGDConfig) -> np.float32 | None:
         """The step's runtime learning rate: the float, a custom schedule's value at the current
@@ -725,24 +767,36 @@ class SGD:
         """One step of the functional core over these variables' arrays (`lr`: `_lr_value`);
         the results are bound back to the variables and slots only after the step has run."""
         with self._lock:
-            step = self._step(variables, config, decay)
-            it = iterations if iterations is not None else self._iterations
-            idx = [self._slot_index(v) for v in variables]
-            momenta = [self._momenta[k] for k in idx]
-            averages = [self._averages[k] for k in idx] if config.use_ema else []
-            narrow = it.dtype != np.int64  # an int32 counter: the program reads int64 (see `iterations`)
-            counter = self._counter(it.value, np.int64, it) if narrow else it.value
-            skipped = self._skipped if config.skip_nonfinite else None
-            state = StepState(counter, tuple(m.value for m in momenta), tuple(a.value for a in averages),
-                              skipped.value if skipped is not None else None)
-            # The inputs are donated by the step: from execute to the last bind, Ctrl-C waits (16.5).
-            with uninterruptible():
-                params, new = step.apply(state, [v.value for v in variables], grads, lr,
-                                         grads_checked=True)  # `_place_gradient` checked them
-                counter = self._counter(new.iterations, it.dtype, it) if narrow else new.iterations
-                owners = [it, *variables, *momenta, *averages, *([skipped] if skipped is not None else [])]
-                values = [counter, *params, *new.momenta, *new.averages, *([new.skipped] if skipped is not None else [])]
-                assign_all(owners, values)  # views of a flat bucket (update_step) are written into it
+            self._call(variables, config, decay, iterations=iterations)(grads, lr)
+
+    def _call(self, variables: Sequence[Variable], config: SGDConfig, decay: Sequence[bool], *,
+              iterations: Variable | None = None) -> Callable[[Sequence[Any], np.float32 | None], None]:
+        """`_run` for these variables, resolved once (step, slots, counters): `run(grads, lr)`
+        then reads the state arrays, runs the step and binds its results."""
+        step = self._step(variables, config, decay)
+        it = iterations if iterations is not None else self._iterations
+        idx = [self._slot_index(v) for v in variables]
+        momenta = [self._momenta[k] for k in idx]
+        averages = [self._averages[k] for k in idx] if config.use_ema else []
+        narrow = it.dtype != np.int64  # an int32 counter: the program reads int64 (see `iterations`)
+        skipped = self._skipped if config.skip_nonfinite else None
+        owners = [it, *variables, *momenta, *averages, *([skipped] if skipped is not None else [])]
+        variables = list(variables)
+
+        def run(grads: Sequence[Any], lr: np.float32 | None) -> None:
+            with self._lock:
+                counter = self._counter(it.value, np.int64, it) if narrow else it.value
+                state = StepState(counter, tuple(m.value for m in momenta), tuple(a.value for a in averages),
+                                  skipped.value if skipped is not None else None)
+                # The inputs are donated by the step: from execute to the last bind, Ctrl-C waits (16.5).
+                with uninterruptible():
+                    params, new = step.apply(state, [v.value for v in variables], grads, lr,
+                                             grads_checked=True)  # `_place_gradient` checked them
+                    counter = self._counter(new.iterations, it.dtype, it) if narrow else new.iterations
+                    values = [counter, *params, *new.momenta, *new.averages,
+                              *([new.skipped] if skipped is not None else [])]
+                    assign_all(owners, values)  # views of a flat bucket (update_step) are written into it
+        return run
 
     @staticmethod
     def _counter(value: Any, dtype: Any, like: Variable) -> Any:
@@ -1035,6 +1089,51 @@ def _repad(slot: Variable, value: Any) -> Any:
 
     plan = slot._plan
     return jax.jit(lambda x: pad(plan, x, jnp), out_shardings=slot.layout.named_sharding())(value)
+
+
+@dataclasses.dataclass(eq=False)
+class _RepeatedCall:
+    """One resolved `apply_gradients` signature, for the calls that repeat it (a training loop):
+    the same variables (identity, in order), gradients of the same array type, shape, dtype and
+    sharding as the ones the full checks accepted, the same constraints and optimizer state
+    objects. A match costs a few attribute reads per variable and hashes nothing, instead of
+    the ~8 us per variable of the full checks; anything else takes the full path, which says
+    what is wrong (issue 15.3)."""
+
+    variables: tuple[Variable, ...]
+    grads: tuple[tuple[type, tuple[int, ...], Any, Any], ...]  # (type, shape, dtype, sharding) per gradient
+    values: tuple[type, ...]  # each variable's own array type (None's for a view): no tracer slips in
+    constraints: tuple[Any, ...]
+    state: tuple[Any, ...]
+    run: Any
+    constrained: bool
+
+    @classmethod
+    def of(cls, pairs: Sequence[tuple[Any, Variable]], state: tuple[Any, ...], run: Any) -> _RepeatedCall:
+        variables = tuple(v for _, v in pairs)
+        return cls(variables, tuple((type(g), g.shape, g.dtype, g.sharding) for g, _ in pairs),
+                   tuple(type(v._array) for v in variables), tuple(v.constraint for v in variables), state, run,
+                   any(v.constraint is not None for v in variables))
+
+    def matches(self, pairs: Sequence[Any], state: tuple[Any, ...]) -> bool:
+        if len(pairs) != len(self.variables) or not all(a is b for a, b in zip(state, self.state)):
+            return False
+        try:
+            for (g, v), known, (kind, shape, dtype, sharding), value, c in zip(
+                    pairs, self.variables, self.grads, self.values, self.constraints):
+                if (v is not known or type(g) is not kind or type(v._array) is not value or v.constraint is not c
+                        or g.shape != shape or g.dtype != dtype):
+                    return False
+                have = g.sharding
+                if (have is not sharding and have != sharding) or g.is_deleted():
+                    return False
+        except (TypeError, ValueError):  # not (gradient, variable) pairs: the full path says so
+            return False
+        return True
+
+    @staticmethod
+    def gradients(pairs: Sequence[tuple[Any, Variable]]) -> list[Any]:
+        return [g for g, _ in pairs]
 
 
 def _refuse_tracers(pairs: Sequence[tuple[Any, Any]]) -> None:
