@@ -115,6 +115,13 @@ def test_notes_state_each_target_met_or_missed() -> None:
     few, many = benchmark.notes(result)
     assert few.endswith(": met") and "1.10x bound" in few
     assert many.endswith(": MISSED") and "2.00x bound" in many
+    many_small = result["models"]["many-small"]["contenders"]
+    many_small.update(sgdgen_buckets=row(0.5, 1.0, 1.5), sgdgen_buckets_read=row(1.25, 1.0, 1.5))
+    _, many = benchmark.notes(result)
+    assert "SGD(buckets=True) 3.00x faster than the best peer (target about 3x: met), reading every view " \
+           "after it +0.75 ms" in many
+    many_small["sgdgen_buckets"] = row(1.0, 1.0, 1.5)
+    assert "1.50x faster than the best peer (target about 3x: MISSED)" in benchmark.notes(result)[1]
 
 
 # ---- excess precision only where a 16-bit variable needs it ----------------------------
