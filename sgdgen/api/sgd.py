@@ -16,6 +16,7 @@ Variables and slots are updated in place: their buffers are donated to the step.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import threading
 import warnings
@@ -470,12 +471,13 @@ class SGD:
 
     def _apply_gradients(self, pairs: list[tuple[Any, Variable]], name: str | None, *,
                          flat_grads: dict[int, Any] | None = None) -> Variable:
-        call = self._repeated_call(pairs) if flat_grads is None else None
-        if call is not None:  # the last call's variables, with gradients like its own (a training loop)
+        call = self._last_call if flat_grads is None else None
+        grads = call.gradients(pairs, self._state_objects()) if call is not None else None
+        if grads is not None:  # the last call's variables, with gradients like its own (a training loop)
             lr = self._lr_value(self._config)
             if call.constrained:
                 self._check_constraints(call.variables)
-            call.run(call.gradients(pairs), lr)
+            call.run(grads, lr)
             if call.constrained:
                 self._apply_constraints(call.variables)
             return self._iterations
@@ -550,12 +552,6 @@ class SGD:
         else:
             self._last_call = None
 
-    def _repeated_call(self, pairs: Sequence[tuple[Any, Variable]]) -> _RepeatedCall | None:
-        call = self._last_call
-        if call is None or not call.matches(pairs, self._state_objects()):
-            return None
-        return call
-
     @staticmethod
     def _refuse_partial_buckets(plan: bucketing.BucketPlan, variables: Sequence[Variable], stepped: set[int]) -> None:
         """A flat bucket is stepped whole: a member without a gradient is an error (raised before any
@@ -589,17 +585,12 @@ class SGD:
             step = self._steps[key] = Step(StepProgram(signature, specs, mesh if mesh is not None else self.mesh))
         return step
 
-    def _run_buckets(self, variables: Sequence[Variable], grads: Sequence[Any], config: SGDConfig,
-                     lr: np.float32 | None, *, flat_grads: dict[int, Any] | None = None) -> None:
-        """One step over the flat buckets (and the own buffers of `variables`): per-variable `grads`
-        (of `variables`) are packed per flat bucket in one jitted call, or given flat (`flat_grads`,
-        bucket -> array, from `minimize`); results are bound to the buffers, views invalidated."""
-        with self._lock:
-            self._bucket_call(variables, config)(grads, lr, flat_grads)
-
     def _bucket_call(self, variables: Sequence[Variable], config: SGDConfig) -> Callable[..., None]:
-        """`_run_buckets` for these variables, resolved once (buckets, step, owners, which gradient
-        goes where): `run(grads, lr, flat_grads=None)` costs O(buckets) beyond the packing."""
+        """One step over the flat buckets (and the own buffers of `variables`), resolved once
+        (buckets, step, owners, which gradient goes where): `run(grads, lr, flat_grads=None)` packs
+        the per-variable `grads` per flat bucket in one jitted call, or takes them flat (bucket ->
+        array, from `minimize`), runs the step and binds its results to the buffers (views
+        invalidated); it costs O(buckets) beyond the packing."""
         flat = self._flat
         plan = flat.plan
         present = self._present_buckets(plan, variables, self._tracked)
@@ -762,17 +753,11 @@ class SGD:
         signature = self._step(variables, config, decay).program
         return StepProgram(config, signature.variables, signature.mesh)
 
-    def _run(self, variables: Sequence[Variable], grads: Sequence[Any], config: SGDConfig,
-             decay: Sequence[bool], lr: np.float32 | None, *, iterations: Variable | None = None) -> None:
-        """One step of the functional core over these variables' arrays (`lr`: `_lr_value`);
-        the results are bound back to the variables and slots only after the step has run."""
-        with self._lock:
-            self._call(variables, config, decay, iterations=iterations)(grads, lr)
-
     def _call(self, variables: Sequence[Variable], config: SGDConfig, decay: Sequence[bool], *,
               iterations: Variable | None = None) -> Callable[[Sequence[Any], np.float32 | None], None]:
-        """`_run` for these variables, resolved once (step, slots, counters): `run(grads, lr)`
-        then reads the state arrays, runs the step and binds its results."""
+        """One step of the functional core over these variables, resolved once (step, slots,
+        counters): `run(grads, lr)` (`lr`: `_lr_value`) reads the state arrays, runs the step and
+        binds its results to the variables and slots only after the step has run."""
         step = self._step(variables, config, decay)
         it = iterations if iterations is not None else self._iterations
         idx = [self._slot_index(v) for v in variables]
@@ -814,7 +799,8 @@ class SGD:
                                    skip_nonfinite=False)
         scratch = Variable(np.int64(0), name="update_step_counter", layout=Layout.replicated(self.mesh, 0),
                            dtype=np.int64)
-        self._run([variable], [g], core, [False], np.float32(core.learning_rate), iterations=scratch)
+        with self._lock:
+            self._call([variable], core, [False], iterations=scratch)([g], np.float32(core.learning_rate))
 
     def compute_gradients(self, loss: Callable[[], Any], var_list: Any, tape: Any = None) -> list[tuple[Any, Variable]]:
         """(gradient, variable) pairs of a zero-argument `loss` by JAX autodiff; a variable the
@@ -1106,34 +1092,35 @@ class _RepeatedCall:
     constraints: tuple[Any, ...]
     state: tuple[Any, ...]
     run: Any
-    constrained: bool
+
+    @functools.cached_property
+    def constrained(self) -> bool:
+        return any(c is not None for c in self.constraints)
 
     @classmethod
     def of(cls, pairs: Sequence[tuple[Any, Variable]], state: tuple[Any, ...], run: Any) -> _RepeatedCall:
         variables = tuple(v for _, v in pairs)
         return cls(variables, tuple((type(g), g.shape, g.dtype, g.sharding) for g, _ in pairs),
-                   tuple(type(v._array) for v in variables), tuple(v.constraint for v in variables), state, run,
-                   any(v.constraint is not None for v in variables))
+                   tuple(type(v._array) for v in variables), tuple(v.constraint for v in variables), state, run)
 
-    def matches(self, pairs: Sequence[Any], state: tuple[Any, ...]) -> bool:
+    def gradients(self, pairs: Sequence[Any], state: tuple[Any, ...]) -> list[Any] | None:
+        """The gradients of `pairs` when the call repeats this one, else None (the full path)."""
         if len(pairs) != len(self.variables) or not all(a is b for a, b in zip(state, self.state)):
-            return False
+            return None
+        grads = []
         try:
             for (g, v), known, (kind, shape, dtype, sharding), value, c in zip(
                     pairs, self.variables, self.grads, self.values, self.constraints):
                 if (v is not known or type(g) is not kind or type(v._array) is not value or v.constraint is not c
                         or g.shape != shape or g.dtype != dtype):
-                    return False
+                    return None
                 have = g.sharding
                 if (have is not sharding and have != sharding) or g.is_deleted():
-                    return False
+                    return None
+                grads.append(g)
         except (TypeError, ValueError):  # not (gradient, variable) pairs: the full path says so
-            return False
-        return True
-
-    @staticmethod
-    def gradients(pairs: Sequence[tuple[Any, Variable]]) -> list[Any]:
-        return [g for g, _ in pairs]
+            return None
+        return grads
 
 
 def _refuse_tracers(pairs: Sequence[tuple[Any, Any]]) -> None:

@@ -39,7 +39,7 @@ def uninterruptible() -> Iterator[None]:
     installed before (Python's default raises KeyboardInterrupt there).
 
     A step consumes its donated inputs; a KeyboardInterrupt between the execute call and
-    the binding of its results would lose every state array (issue 16.5). `SGD._run` runs
+    the binding of its results would lose every state array (issue 16.5). `SGD._call`'s step runs
     execute-and-rebind inside this block; a caller of `Step.apply` that keeps the results
     itself can do the same. Only the main thread receives signals, so elsewhere (and when
     nested, or when the handler was not installed from Python) this is a no-op."""

@@ -166,9 +166,7 @@ def _sgdgen_apply(model: Model, init: list[np.ndarray], grads: list[Any], art_di
         jax.block_until_ready([b.array for bs in buckets if bs for b in bs.values()]
                               + [v.value for v in flat_vars if v._view is None])
 
-    def flat_read() -> None:  # the step, then every variable read as a view (what a forward pass pays)
-        flat_opt.apply_gradients(flat_pairs)
-        jax.block_until_ready([v.value for v in flat_vars])
+    flat_read = runner(flat_opt, flat_vars)  # the step, then every variable read: views (what a forward pass pays)
     flat_read()
     (flat_program,) = flat_opt._steps.values()
     flat_exe = flat_program.executable.executable
