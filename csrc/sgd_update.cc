@@ -22,14 +22,18 @@
 //   on a skipped step (skip_nonfinite) every result keeps its operand's value.
 //
 // Operands: g, w, m, [a if ema], lr, [s if clip 1 or 2], [due if overwrite], [skip if skip];
-// results: w', m', [a' if ema]. Attributes: flags = [clip, decay, nesterov, ema, overwrite, skip],
-// constants = float32 bit patterns of [wd, mom, keep, take, c, c_neg] (unused ones 0).
+// results: w', m', [a' if ema]. Attributes: flags = [clip, decay, nesterov, ema, overwrite, skip]
+// or [..., segments], constants = float32 bit patterns of [wd, mom, keep, take, c, c_neg] (unused
+// ones 0). With `segments` = K > 1, g arrives as K operands g_1..g_K (in place of g) whose element
+// counts add up to w's: a flat bucket's gradient as its members' gradients, read where they lie
+// (g = concatenate(g_1, ..., g_K) in the IR, which is then never materialised).
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
@@ -127,24 +131,35 @@ float FromBits(int64_t bits) {
 
 ffi::Error SgdUpdateF32(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingRets rets,
                         ffi::Span<const int64_t> flags, ffi::Span<const int64_t> constants) {
-  if (flags.size() != 6 || constants.size() != 6 || flags[0] < 0 || flags[0] > 3) {
-    return Bad("flags must be [clip 0-3, decay, nesterov, ema, overwrite, skip] and constants 6 float32 bit patterns");
+  if ((flags.size() != 6 && flags.size() != 7) || constants.size() != 6 || flags[0] < 0 || flags[0] > 3 ||
+      (flags.size() == 7 && flags[6] < 1)) {
+    return Bad("flags must be [clip 0-3, decay, nesterov, ema, overwrite, skip] or [..., segments >= 1] and constants "
+               "6 float32 bit patterns");
   }
   const int64_t clip = flags[0];
   const bool decay = flags[1], nesterov = flags[2], ema = flags[3], overwrite = flags[4], skip = flags[5];
+  const size_t segments = flags.size() == 7 ? static_cast<size_t>(flags[6]) : 1;
   const size_t arrays = ema ? 4 : 3;
-  const size_t want = arrays + 1 + (clip == 1 || clip == 2) + overwrite + skip;
+  const size_t want = segments + arrays - 1 + 1 + (clip == 1 || clip == 2) + overwrite + skip;
   if (args.size() != want || rets.size() != arrays - 1) {
     return Bad("takes " + std::to_string(want) + " operands and " + std::to_string(arrays - 1) + " results for its flags, got " +
                std::to_string(args.size()) + " and " + std::to_string(rets.size()));
   }
-  const float* in[4] = {nullptr, nullptr, nullptr, nullptr};
-  int64_t n = -1;
-  for (size_t i = 0; i < arrays; ++i) {
-    auto b = args.get<ffi::AnyBuffer>(i);
+  // the gradient's segments: segment k holds elements [start[k], start[k + 1]) of g
+  std::vector<const float*> g(segments);
+  std::vector<int64_t> start(segments + 1, 0);
+  for (size_t k = 0; k < segments; ++k) {
+    auto b = args.get<ffi::AnyBuffer>(k);
     if (!b.has_value() || b->element_type() != ffi::DataType::F32) return Bad("g, w, m and a must be float32 arrays");
-    if (n >= 0 && static_cast<int64_t>(b->element_count()) != n) return Bad("g, w, m and a differ in element count");
-    n = static_cast<int64_t>(b->element_count());
+    g[k] = b->typed_data<float>();
+    start[k + 1] = start[k] + static_cast<int64_t>(b->element_count());
+  }
+  const float* in[4] = {g[0], nullptr, nullptr, nullptr};
+  const int64_t n = start[segments];
+  for (size_t i = 1; i < arrays; ++i) {
+    auto b = args.get<ffi::AnyBuffer>(segments + i - 1);
+    if (!b.has_value() || b->element_type() != ffi::DataType::F32) return Bad("g, w, m and a must be float32 arrays");
+    if (static_cast<int64_t>(b->element_count()) != n) return Bad("g, w, m and a differ in element count");
     in[i] = b->typed_data<float>();
   }
   float* out[3] = {nullptr, nullptr, nullptr};
@@ -155,7 +170,7 @@ ffi::Error SgdUpdateF32(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Rema
     }
     out[k] = (*r)->typed_data<float>();
   }
-  size_t next = arrays;
+  size_t next = segments + arrays - 1;
   auto scalar = [&](ffi::DataType type, const char* what, auto* value) -> ffi::Error {
     auto b = args.get<ffi::AnyBuffer>(next++);
     if (!b.has_value() || b->element_type() != type || b->element_count() != 1) return Bad(std::string(what) + " must be a scalar");
@@ -191,7 +206,26 @@ ffi::Error SgdUpdateF32(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Rema
   });
   if (skipped) return ffi::Error::Success();  // a skipped step: every result keeps its operand's value
   const Kernel kernel = Pick(clip, decay, nesterov, ema, due);
-  sgdgen::ParallelFor(pool, tasks, helpers, [&](int64_t t) { kernel(p, t * kTask, std::min(n, (t + 1) * kTask)); });
+  if (segments == 1) {
+    sgdgen::ParallelFor(pool, tasks, helpers, [&](int64_t t) { kernel(p, t * kTask, std::min(n, (t + 1) * kTask)); });
+    return ffi::Error::Success();
+  }
+  // a task's range [begin, end) of the bucket, run segment by segment: each piece with its own g and
+  // w, m, a advanced to the piece's first element (the same operations on the same elements)
+  sgdgen::ParallelFor(pool, tasks, helpers, [&](int64_t t) {
+    const int64_t begin = t * kTask, end = std::min(n, (t + 1) * kTask);
+    size_t k = std::upper_bound(start.begin(), start.end(), begin) - start.begin() - 1;
+    for (int64_t lo = begin; lo < end; ++k) {
+      const int64_t hi = std::min(end, start[k + 1]);
+      if (hi > lo) {
+        Args piece = p;
+        piece.g = g[k] + (lo - start[k]);
+        piece.w = p.w + lo, piece.m = p.m + lo, piece.a = p.a != nullptr ? p.a + lo : nullptr;
+        kernel(piece, 0, hi - lo);
+      }
+      lo = hi;
+    }
+  });
   return ffi::Error::Success();
 }
 

@@ -3,7 +3,8 @@
 // loaded and registered by sgdgen/runtime/cpu_kernels.py; inserted by the sgd-cpu-kernels pass.
 //
 // sgdgen_sum_squares_f32(g_1, ..., g_N: f32[...]) -> N x f64[]: for each operand, the sum over
-// every element of float64(float32(g*g)),
+// every element of float64(float32(g*g)); or -> 1 x f64[]: that sum over all N operands together
+// (a flat bucket's gradient given as its members' gradients, the pieces of one concatenate),
 // the float32 norm's share of SEMANTICS §6 (products round in float32, the sum is accumulated in
 // float64). XLA CPU's float64 reduction runs at a third of the float32 one's speed; this one
 // reads the gradient once at memory bandwidth on XLA's intra-op threads. The order of summation
@@ -46,12 +47,13 @@ double BlockSum(const float* x, int64_t n) {
   return s;
 }
 
-// Any number of float32 operands, one float64 scalar result each: the norms of many small gradients
-// in one call (a call costs more than a small sum), a large one split over the pool.
+// Any number of float32 operands, one float64 scalar result each (the norms of many small gradients
+// in one call: a call costs more than a small sum), or one for all of them; a large one split over
+// the pool.
 ffi::Error SumSquaresF32(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingRets rets) {
-  if (args.size() != rets.size() || args.size() == 0) {
-    return ffi::Error::InvalidArgument("sgdgen_sum_squares_f32 takes N float32 arrays and returns N float64 scalars");
-  }
+  const char* usage = "sgdgen_sum_squares_f32 takes N float32 arrays and returns N float64 scalars, or one";
+  if ((args.size() != rets.size() && rets.size() != 1) || args.size() == 0) return ffi::Error::InvalidArgument(usage);
+  const bool together = rets.size() == 1;  // one sum over every operand, in operand order
   struct Block {
     const float* x;
     int64_t n;
@@ -61,17 +63,19 @@ ffi::Error SumSquaresF32(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Rem
   std::vector<int64_t> first_block;  // operand i owns blocks [first_block[i], first_block[i + 1])
   for (size_t i = 0; i < args.size(); ++i) {
     auto g = args.get<ffi::AnyBuffer>(i);
-    auto out = rets.get<ffi::AnyBuffer>(i);
+    auto out = rets.get<ffi::AnyBuffer>(together ? 0 : i);
     if (!g.has_value() || !out.has_value() || g->element_type() != ffi::DataType::F32 ||
         (*out)->element_type() != ffi::DataType::F64 || (*out)->element_count() != 1) {
-      return ffi::Error::InvalidArgument("sgdgen_sum_squares_f32 takes N float32 arrays and returns N float64 scalars");
+      return ffi::Error::InvalidArgument(usage);
     }
     const float* x = g->typed_data<float>();
     const int64_t n = static_cast<int64_t>(g->element_count());
-    first_block.push_back(static_cast<int64_t>(blocks.size()));
+    if (!together || i == 0) {
+      first_block.push_back(static_cast<int64_t>(blocks.size()));
+      results.push_back((*out)->typed_data<double>());
+    }
     const int64_t count = std::max<int64_t>(1, (n + kBlock - 1) / kBlock);  // an empty operand: one empty block
     for (int64_t k = 0; k < count; ++k) blocks.push_back({x + k * kBlock, std::min(kBlock, n - k * kBlock)});
-    results.push_back((*out)->typed_data<double>());
   }
   first_block.push_back(static_cast<int64_t>(blocks.size()));
   const int64_t count = static_cast<int64_t>(blocks.size());

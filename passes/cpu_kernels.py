@@ -19,7 +19,9 @@ share ONE call, placed at the block's start: `(g_1, ..., g_N) -> N x tensor<f64>
 costs more than a small gradient's sum (400 small gradients: XLA's 400 float64 reduces take
 2.3 ms, their float32 ones 0.8 ms). A sum of a computed value (a ZeRO slice, an all_reduce's
 result) gets a call of its own, before it. A call is made only for at least `min-elements`
-elements in all (its sums together).
+elements in all (its sums together). A sum of a `stablehlo.concatenate` of 1-D pieces (a flat
+bucket's gradient built from its members' gradients) becomes a call over the pieces with ONE
+result, their sum together: the concatenate is never needed for it.
 
 which computes the same sum (float32 products, accumulated in float64; only the order of the
 float64 additions differs, which §6 leaves free). XLA CPU's float64 reduction is about three
@@ -43,7 +45,7 @@ from jaxlib.mlir.dialects import stablehlo
 
 from sgdgen.passes import register
 from sgdgen.passes.common import count_option, guarded, module_of
-from sgdgen.passes.locality import defining_op, local_blocks, splat_float
+from sgdgen.passes.locality import concat_pieces, defining_op, local_blocks, splat_float
 
 NAME = "sgd-cpu-kernels"
 #: the FFI target (csrc/sum_squares.cc), registered by sgdgen.runtime.cpu_kernels
@@ -120,9 +122,15 @@ def _rewrite(op: Any, **options: str) -> None:
     # sums of the same block's arguments share one call (placed at the block's start); a sum of a
     # computed value gets a call of its own, before it
     groups: list[tuple[ir.Block | None, list[tuple[ir.Operation, tuple[ir.Value, ir.Operation, ir.Operation]]]]] = []
+    together: dict[int, list[ir.Value]] = {}  # group index -> the pieces of a concatenate it sums as one
     for reduce in reduces:
         found = _match(reduce)
         if found is None:
+            continue
+        pieces = concat_pieces(found[0])
+        if pieces is not None:
+            together[len(groups)] = pieces
+            groups.append((None, [(reduce, found)]))
             continue
         owner = found[0].owner
         block = owner if isinstance(owner, ir.Block) else None
@@ -132,20 +140,23 @@ def _rewrite(op: Any, **options: str) -> None:
         else:
             groups.append((block, [(reduce, found)]))
     f64 = ir.RankedTensorType.get([], ir.F64Type.get())
-    for key, members in groups:
-        gs = [g for _, (g, _, _) in members]
+    for k, (key, members) in enumerate(groups):
+        gs = together.get(k) or [g for _, (g, _, _) in members]
         if sum(math.prod(ir.RankedTensorType(g.type).shape) for g in gs) < threshold:
             continue
         first = members[0][0]
         where = ir.InsertionPoint.at_block_begin(key) if key is not None else ir.InsertionPoint(first)
         with where, first.location:
-            call = stablehlo.CustomCallOp([f64] * len(gs), gs, SUM_SQUARES_F32, backend_config=ir.StringAttr.get(""))
+            call = stablehlo.CustomCallOp([f64] * len(members), gs, SUM_SQUARES_F32,
+                                          backend_config=ir.StringAttr.get(""))
             call.attributes["mhlo.backend_config"] = ir.DictAttr.get({})  # typed FFI, as jax.ffi.ffi_call
         for (reduce, (_, square, convert)), result in zip(members, call.results):
             reduce.results[0].replace_all_uses_with(result)
             reduce.erase()
             _erase_if_unused(convert)
             _erase_if_unused(square)
+        if k in together:  # the update kernel may read the pieces too (sgd-cpu-update); else XLA's
+            _erase_if_unused(defining_op(members[0][1][0]))
 
 
 run = register(NAME, "float32 norm sums -> one XLA FFI kernel call (CPU executables only)",

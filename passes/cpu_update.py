@@ -19,6 +19,11 @@ elements is left to XLA. Results the step returns take an in-place alias to thei
 where @main donates that argument to that result (`tf.aliasing_output`), or where the operand
 is a temporary nothing else reads.
 
+A gradient that is a `stablehlo.concatenate` of 1-D float32 pieces (a flat bucket's gradient
+built from its members' gradients, `StepABI` gradient segments) is passed as those pieces (the
+flags' 7th word counts them): the kernel reads each member's gradient where it lies, and the
+concatenate, once nothing else reads it, is erased instead of materialised.
+
 Only local values are rewritten (`sgdgen.passes.locality`): one partition, or inside a
 manual computation over every mesh axis.
 """
@@ -36,7 +41,7 @@ from jaxlib.mlir.dialects import stablehlo
 
 from sgdgen.passes import register
 from sgdgen.passes.common import count_option, guarded, module_of
-from sgdgen.passes.locality import defining_op, donated_to, local_blocks, splat_float
+from sgdgen.passes.locality import concat_pieces, defining_op, donated_to, local_blocks, splat_float
 
 NAME = "sgd-cpu-update"
 #: the FFI target (csrc/sgd_update.cc), registered by sgdgen.runtime.cpu_kernels
@@ -251,7 +256,8 @@ def _rewrite_one(block: ir.Block, u: _Update, module: ir.Operation) -> None:
     """Replaces the update's results by one kernel call."""
     f, b = u.flags, u.binding
     roles = ["w", "m", "a"] if f.ema else ["w", "m"]
-    operands = [b["g"], *(b[r] for r in roles), b["lr"]]
+    pieces = concat_pieces(b["g"]) or [b["g"]]  # a bucket's gradient as its members': read where they lie
+    operands = [*pieces, *(b[r] for r in roles), b["lr"]]
     if f.clip in (1, 2):
         operands.append(b["s"])
     if f.overwrite:
@@ -271,14 +277,15 @@ def _rewrite_one(block: ir.Block, u: _Update, module: ir.Operation) -> None:
         call = stablehlo.CustomCallOp([r.type for r in results], operands, SGD_UPDATE_F32,
                                       backend_config=ir.StringAttr.get(""))
         call.attributes["mhlo.backend_config"] = ir.DictAttr.get(  # typed FFI, as jax.ffi.ffi_call
-            {"flags": ir.DenseI64ArrayAttr.get(f.words()), "constants": ir.DenseI64ArrayAttr.get(constants)})
+            {"flags": ir.DenseI64ArrayAttr.get(f.words() + ([len(pieces)] if len(pieces) > 1 else [])),
+             "constants": ir.DenseI64ArrayAttr.get(constants)})
     dead = [defining_op(v) for v in results]
     for result, new in zip(results, call.results):
         result.replace_all_uses_with(new)
     _erase_dead(block, dead)
     # in place where @main donates the operand to the result, or the operand is a temporary only the
     # call reads; elsewhere the kernel copies the operand into the result first
-    aliases = [stablehlo.OutputOperandAlias.get([k], 1 + k, []) for k, role in enumerate(roles)
+    aliases = [stablehlo.OutputOperandAlias.get([k], len(pieces) + k, []) for k, role in enumerate(roles)
                if donated_to(b[role], call.results[k], module)
                or (defining_op(b[role]) is not None and len(list(b[role].uses)) == 1)]
     if aliases:
@@ -292,7 +299,8 @@ def _user(use: Any) -> ir.Operation:
 
 def _erase_dead(block: ir.Block, roots: list[ir.Operation]) -> None:
     """Erases `roots` and the pure ops only they used, once nothing uses them (users before producers)."""
-    pure = set(_OPS) | {"stablehlo.broadcast_in_dim", "stablehlo.constant"}
+    pure = set(_OPS) | {"stablehlo.broadcast_in_dim", "stablehlo.constant", "stablehlo.concatenate",
+                        "stablehlo.reshape"}
     seen: set[ir.Operation] = set()
     todo = [op for op in roots if op is not None]
     while todo:

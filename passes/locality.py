@@ -26,6 +26,21 @@ def defining_op(v: ir.Value, name: str | None = None) -> ir.Operation | None:
     return owner if name is None or owner.name == name else None
 
 
+def concat_pieces(v: ir.Value) -> list[ir.Value] | None:
+    """The pieces of a 1-D float32 `v` that is a `stablehlo.concatenate` of two or more 1-D
+    float32 values (a flat bucket's gradient from its members' gradients), else None: a kernel
+    may read the pieces where they lie instead of the concatenate XLA would materialise."""
+    op = defining_op(v, "stablehlo.concatenate")
+    f32 = ir.F32Type.get()
+    if op is None or len(op.operands) < 2:
+        return None
+    for x in (v, *op.operands):
+        t = ir.RankedTensorType(x.type)
+        if t.rank != 1 or t.element_type != f32 or not t.has_static_shape:
+            return None
+    return list(op.operands)
+
+
 def splat_float(v: ir.Value, element: ir.Type) -> float | None:
     """The value of `v` when it is a splat constant of element type `element` (any shape), else None."""
     const = defining_op(v, "stablehlo.constant")

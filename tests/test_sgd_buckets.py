@@ -25,6 +25,7 @@ from sgdgen import Variable, reference
 from sgdgen.errors import ArtifactError, StepInputError
 from sgdgen.frontend.config import SGDConfig
 from sgdgen.frontend.spec import Layout, Mesh
+from sgdgen.runtime import cpu_kernels
 
 SHAPES = [(3,), (4, 5), (2, 3, 4), (1,), (7,), (6, 2), (300, 300), (5, 5), (8,)]
 BIAS = {0, 3, 4, 8}  # excluded from weight decay ("bias" in their names)
@@ -327,11 +328,16 @@ def test_recorded_members_are_bound_to_the_module(tmp_path) -> None:
 
 def test_the_bucketed_step_takes_a_handful_of_arguments() -> None:
     opt, vs = _train(CONFIGS["ema_overwrite"], True, mixed=True, steps=1)
-    (step,) = opt._steps.values()
+    steps = {bool(s.program.gradient_segments): s for s in opt._steps.values()}
     buffers = len(opt._flat.plan.buckets)  # float32 decayed, float32 no-decay, bfloat16, the large one
     assert buffers == 4
     # iterations + (variable, momentum, average, gradient) per buffer + the learning rate
-    assert len(step.abi.inputs) == 1 + 4 * buffers + 1 < 4 * len(vs)
+    assert len(steps[False].abi.inputs) == 1 + 4 * buffers + 1 < 4 * len(vs)
+    # where kernels read segments (CPU), a second program takes each member's gradient as it is: the
+    # state stays one buffer per role and bucket
+    assert (True in steps) == cpu_kernels.available()
+    if True in steps:
+        assert len(steps[True].abi.inputs) == 1 + 3 * buffers + len(vs) + 1
 
 
 def test_config_keys_only_when_set_validated_and_round_trip() -> None:

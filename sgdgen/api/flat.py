@@ -6,10 +6,15 @@ variables' values, the momenta, the EMA averages), of which the user's Variables
 optimizer's slot Variables are views. A step then takes one argument per bucket and role
 instead of one per variable (PERF-NOTES "Flat buffers").
 
-Per-variable gradients are packed into the buckets by one jitted function per set of
-buckets (cached), outside the compiled step: the step's program takes flat gradients, and
-packing inside it would need per-variable gradient inputs, i.e. the argument count the
-buckets remove.
+Per-variable gradients reach a flat bucket in one of two ways:
+- on CPU with sgdgen's kernels, the step's program takes them as they are, as the segments of
+  the bucket's gradient (`StepABI` gradient_segments), and its kernels read each where it lies:
+  no packed copy is ever written (12.8 MB a step for 3.2M parameters). That program (one
+  argument per member) compiles in the background from the second step; until then, and in a
+  one-step process, the gradients are packed on the host;
+- elsewhere (no kernels to read segments, where XLA would materialise the concatenate inside
+  the program anyway), one jitted packer per set of buckets (cached) packs them outside the
+  compiled step, which takes flat gradients.
 """
 
 from __future__ import annotations
@@ -43,9 +48,9 @@ class Buckets:
     abi: StepABI
     buffers: list[dict[str, FlatBuffer] | None]
     _grad_shardings: dict[tuple[int, ...], Any] = field(default_factory=dict)  # buckets -> their gradients' shardings
-    _whole: dict[tuple[int, ...], bool] = field(default_factory=dict)
-    _calls: dict[tuple[int, ...], int] = field(default_factory=dict)
-    _programs: dict[Any, Any] = field(default_factory=dict)  # compiled packers, freed with these buckets
+    _whole: dict[tuple[Any, ...], bool] = field(default_factory=dict)
+    _calls: dict[tuple[Any, ...], int] = field(default_factory=dict)
+    _programs: dict[Any, Any] = field(default_factory=dict)  # compiled packers and steps, freed with these buckets
     _token: int = field(default_factory=lambda: next(_tokens))  # this object's part of a pending compile's key
 
     @classmethod
@@ -79,12 +84,40 @@ class Buckets:
         """(bucket, position within the bucket) of variable k."""
         return self.plan.members[k].bucket, self.plan.positions[k]
 
-    def pack_gradients(self, buckets: Sequence[int], grads: Sequence[Sequence[Any]]) -> list[Any]:
+    def use_segments(self, buckets: Sequence[int], grads: Sequence[Sequence[Any]], step: Any) -> bool:
+        """Whether this call's per-variable gradients of flat `buckets` (`grads[i]`: bucket
+        `buckets[i]`'s members', in offset order) go to `step` as they are (its program takes them
+        as gradient segments), else they are packed (`pack_gradients(..., compile=False)`). From
+        the second call, once `step`'s executable is compiled: in the background where this
+        process holds every gradient whole (the host packs meanwhile), else waited for."""
+        key = ("segments", *buckets)
+        whole = self._whole_gradients(key, grads)
+        calls = self._calls[key] = self._calls.get(key, 0) + 1
+        if whole and calls == 1:  # a one-step process never pays for the compile
+            return False
+        from sgdgen.runtime import background, cpu_kernels
+
+        def start() -> Any:  # the passes (MLIR) on this thread; XLA's compile in the background
+            cpu_kernels.rewrite(step.program.lowered_text)
+            return lambda: step.executable
+
+        return background.ready(("segments", self._token, key), start, wait=not whole, store=self._programs) is not None
+
+    def _whole_gradients(self, key: tuple[Any, ...], grads: Sequence[Sequence[Any]]) -> bool:
+        """Whether this process holds every gradient whole (not so across processes), asked once per key."""
+        whole = self._whole.get(key)
+        if whole is None:
+            whole = self._whole[key] = all(getattr(g, "is_fully_addressable", True) for gs in grads for g in gs)
+        return whole
+
+    def pack_gradients(self, buckets: Sequence[int], grads: Sequence[Sequence[Any]], *,
+                       compile: bool = True) -> list[Any]:
         """The flat gradients of flat `buckets` from their members' gradients (`grads[i]`: bucket
         `buckets[i]`'s, in offset order): one jitted call, compiled once per set of buckets. While
         that program compiles (in the background, from the second call on: seconds for hundreds of
         inputs), arrays this process holds whole are packed on the host instead (a concatenate of
-        NumPy views on CPU)."""
+        NumPy views on CPU); without `compile` (the step takes segments once its own compile is
+        done), they always are."""
         key = tuple(buckets)
         shardings = self._grad_shardings.get(key)
         if shardings is None:
@@ -99,11 +132,9 @@ class Buckets:
             starts = np.cumsum((0, *sizes))
             return tuple(concat(flat[a:b], jnp) for a, b in zip(starts[:-1], starts[1:]))
 
-        whole = self._whole.get(key)
-        if whole is None:  # whether this process holds every gradient whole (not so across processes)
-            whole = self._whole[key] = all(getattr(g, "is_fully_addressable", True) for g in flat_in)
+        whole = self._whole_gradients(key, grads)
         calls = self._calls[key] = self._calls.get(key, 0) + 1
-        if whole and calls == 1:  # a one-step process never pays for the packer's compile
+        if whole and (calls == 1 or not compile):  # a one-step process never pays for the packer's compile
             return self._host_pack(grads, shardings)
         from sgdgen.runtime import background
         # SGD has checked every gradient against its variable (shape, dtype, layout): the buckets

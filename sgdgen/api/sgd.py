@@ -585,16 +585,37 @@ class SGD:
             step = self._steps[key] = Step(StepProgram(signature, specs, mesh if mesh is not None else self.mesh))
         return step
 
+    def _segment_step(self, plan: bucketing.BucketPlan, present: tuple[int, ...], config: SGDConfig) -> Step | None:
+        """The step over these buckets that takes each flat bucket's gradient as its members'
+        gradients (`StepABI` gradient segments), where its kernels read them in place: CPU devices
+        with sgdgen's kernels, no weight-update sharding; else None (the gradients are packed)."""
+        from sgdgen.runtime import cpu_kernels
+
+        step = self._bucket_step(plan, present, config)
+        if (step.abi.shard_update_over is not None or not cpu_kernels.available()
+                or not backend.on_cpu(backend.devices_for(step.program.mesh.device_ids))):
+            return None
+        key = ("segments", present, step.program.config)
+        seg = self._steps.get(key)
+        if seg is None:
+            segments = tuple(None if plan.members[plan.contents[b][0]].own else
+                             tuple((plan.variables[k].name, plan.variables[k].shape) for k in plan.contents[b])
+                             for b in present)
+            seg = self._steps[key] = Step(dataclasses.replace(step.program, gradient_segments=segments))
+        return seg
+
     def _bucket_call(self, variables: Sequence[Variable], config: SGDConfig) -> Callable[..., None]:
         """One step over the flat buckets (and the own buffers of `variables`), resolved once
-        (buckets, step, owners, which gradient goes where): `run(grads, lr, flat_grads=None)` packs
-        the per-variable `grads` per flat bucket in one jitted call, or takes them flat (bucket ->
-        array, from `minimize`), runs the step and binds its results to the buffers (views
-        invalidated); it costs O(buckets) beyond the packing."""
+        (buckets, step, owners, which gradient goes where): `run(grads, lr, flat_grads=None)` feeds
+        the per-variable `grads` to the step that takes them as segments (`_segment_step`) or packs
+        them per flat bucket (`Buckets.pack_gradients`), or takes them flat (bucket -> array, from
+        `minimize`), runs the step and binds its results to the buffers (views invalidated); it
+        costs O(buckets) beyond the gradients' arguments."""
         flat = self._flat
         plan = flat.plan
         present = self._present_buckets(plan, variables, self._tracked)
         step = self._bucket_step(plan, present, config)
+        segmented = self._segment_step(plan, present, config)  # None where packing is the way
         position = {v._unique_id: i for i, v in enumerate(variables)}
         packed_buckets = [b for b in present if flat.flat(b)]
         members = [[position[self._tracked[k]._unique_id] for k in plan.contents[b]] for b in packed_buckets]
@@ -623,9 +644,14 @@ class SGD:
 
         def run(grads: Sequence[Any], lr: np.float32 | None, flat_grads: dict[int, Any] | None = None) -> None:
             with self._lock:
+                chosen = step
                 if flat_grads is None:
-                    packed = flat.pack_gradients(packed_buckets, [[grads[i] for i in ks] for ks in members])
-                    flat_grads = dict(zip(packed_buckets, packed))
+                    per_bucket = [[grads[i] for i in ks] for ks in members]
+                    if segmented is not None and flat.use_segments(packed_buckets, per_bucket, segmented):
+                        chosen, flat_grads = segmented, dict(zip(packed_buckets, per_bucket))  # taken as they are
+                    else:
+                        packed = flat.pack_gradients(packed_buckets, per_bucket, compile=segmented is None)
+                        flat_grads = dict(zip(packed_buckets, packed))
                 else:  # from jax.grad over the buckets: laid out as the buckets are (a no-op put)
                     flat_grads = {b: backend.device_put(x, step.abi.slot("variable", present.index(b)).layout
                                                         .named_sharding()) for b, x in flat_grads.items()}
@@ -634,8 +660,8 @@ class SGD:
                 state = StepState(counter, tuple(map(value, owners["momentum"])), tuple(map(value, owners["average"])),
                                   skipped.value if skipped is not None else None)
                 with uninterruptible():
-                    params, new = step.apply(state, [value(o) for o in owners["variable"]], g_in, lr,
-                                             grads_checked=True)
+                    params, new = chosen.apply(state, [value(o) for o in owners["variable"]], g_in, lr,
+                                               grads_checked=True)
                     counter = self._counter(new.iterations, it.dtype, it) if narrow else new.iterations
                     values = [counter, *params, *new.momenta, *new.averages,
                               *([new.skipped] if skipped is not None else [])]
@@ -1087,7 +1113,7 @@ class _RepeatedCall:
     what is wrong (issue 15.3)."""
 
     variables: tuple[Variable, ...]
-    grads: tuple[tuple[type, tuple[int, ...], Any, Any], ...]  # (type, shape, dtype, sharding) per gradient
+    grads: tuple[tuple[type, Any, Any], ...]  # (type, aval: shape and dtype, sharding) per gradient
     values: tuple[type, ...]  # each variable's own array type (None's for a view): no tracer slips in
     constraints: tuple[Any, ...]
     state: tuple[Any, ...]
@@ -1100,7 +1126,7 @@ class _RepeatedCall:
     @classmethod
     def of(cls, pairs: Sequence[tuple[Any, Variable]], state: tuple[Any, ...], run: Any) -> _RepeatedCall:
         variables = tuple(v for _, v in pairs)
-        return cls(variables, tuple((type(g), g.shape, g.dtype, g.sharding) for g, _ in pairs),
+        return cls(variables, tuple((type(g), g.aval, g.sharding) for g, _ in pairs),
                    tuple(type(v._array) for v in variables), tuple(v.constraint for v in variables), state, run)
 
     def gradients(self, pairs: Sequence[Any], state: tuple[Any, ...]) -> list[Any] | None:
@@ -1109,16 +1135,16 @@ class _RepeatedCall:
             return None
         grads = []
         try:
-            for (g, v), known, (kind, shape, dtype, sharding), value, c in zip(
+            for (g, v), known, (kind, aval, sharding), value, c in zip(
                     pairs, self.variables, self.grads, self.values, self.constraints):
-                if (v is not known or type(g) is not kind or type(v._array) is not value or v.constraint is not c
-                        or g.shape != shape or g.dtype != dtype):
+                if v is not known or type(g) is not kind or type(v._array) is not value or v.constraint is not c:
                     return None
-                have = g.sharding
-                if (have is not sharding and have != sharding) or g.is_deleted():
+                have, shaped = g.sharding, g.aval  # JAX interns avals: identity is the usual answer
+                if (shaped is not aval and shaped != aval) or (have is not sharding and have != sharding) \
+                        or g.is_deleted():
                     return None
                 grads.append(g)
-        except (TypeError, ValueError):  # not (gradient, variable) pairs: the full path says so
+        except (TypeError, ValueError, AttributeError):  # not (gradient, variable) pairs: the full path says so
             return None
         return grads
 

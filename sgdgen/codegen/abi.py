@@ -16,6 +16,7 @@ room for flat buckets (one argument per role) later without reordering.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -75,6 +76,9 @@ class Slot:
     #: for a gradient: the mesh axes over which it arrives unreduced (a partial sum per device,
     #: as `jax.grad` of a `reduced` parameter gives); () for an ordinary (reduced) tensor
     unreduced: tuple[str, ...] = ()
+    #: for a gradient that arrives in segments (a flat bucket's, as its members' gradients): which
+    #: one, in offset order; None for a gradient that arrives whole
+    segment: int | None = None
 
     @property
     def mlir_type(self) -> str:
@@ -92,7 +96,30 @@ class Slot:
                "dtype": self.dtype, "layout": self.layout.sharding_specs}
         if self.unreduced:
             out["unreduced"] = list(self.unreduced)
+        if self.segment is not None:
+            out["segment"] = self.segment
         return out
+
+
+#: A gradient's pieces: (name, shape) of each, in offset order (`StepABI.create`'s gradient_segments).
+Segments = tuple[tuple[str, tuple[int, ...]], ...]
+
+
+def _check_segments(variables: Sequence[VarSpec], segments: Sequence[Segments | None],
+                    unreduced: Sequence[Sequence[str]], shard_update_over: str | None) -> None:
+    """Segments only for a flat, replicated, reduced gradient whose pieces add up to it."""
+    if len(segments) != len(variables):
+        raise ValueError(f"gradient_segments gives {len(segments)} entries for {len(variables)} variables")
+    for v, seg, u in zip(variables, segments, unreduced):
+        if seg is None:
+            continue
+        size = sum(math.prod(shape) for _, shape in seg)
+        if len(v.shape) != 1 or v.layout.used_axes or u or shard_update_over is not None:
+            raise ConfigError(f"the gradient of {v.name!r} cannot arrive in segments: only a flat (1-D), replicated "
+                              "bucket's reduced gradient can, in a step without weight-update sharding")
+        if not seg or size != v.shape[0]:
+            raise ConfigError(f"the gradient segments of {v.name!r} hold {size} elements in {len(seg)} pieces, but "
+                              f"the variable has {v.shape[0]}; give every member's shape, in offset order")
 
 
 def unreduced_for(variables: Sequence[VarSpec], axes: Sequence[str]) -> tuple[tuple[str, ...], ...]:
@@ -112,26 +139,32 @@ class StepABI:
 
     @classmethod
     def for_config(cls, variables: Sequence[VarSpec], mesh: Mesh, config: Any, *, stage0: bool = False,
-                   unreduced_gradients: Sequence[Sequence[str]] = ()) -> StepABI:
+                   unreduced_gradients: Sequence[Sequence[str]] = (),
+                   gradient_segments: Sequence[Segments | None] = ()) -> StepABI:
         """The calling convention of the step of `config` (an SGDConfig) over `variables`:
         EMA averages when `use_ema`, a learning-rate argument unless it is a schedule, the
         counters its options keep. `stage0`: the generator's global view, where every slot has
         its variable's shape and layout (`sgd-shard-weight-update` divides them later).
-        `unreduced_gradients`: see `create`."""
+        `unreduced_gradients`, `gradient_segments`: see `create`."""
         return cls.create(variables, mesh, use_ema=config.use_ema, lr_input=not config.lr_is_schedule,
                           optimizer_name=config.name, unreduced_gradients=unreduced_gradients,
+                          gradient_segments=gradient_segments,
                           shard_update_over=None if stage0 else getattr(config, "shard_update_over", None),
                           counters=tuple(r for r, flag in EXTRA_COUNTERS.items() if getattr(config, flag, False)))
 
     @classmethod
     def create(cls, variables: Sequence[VarSpec], mesh: Mesh, *, use_ema: bool, lr_input: bool,
                optimizer_name: str = "SGD", shard_update_over: str | None = None,
-               counters: Sequence[str] = (), unreduced_gradients: Sequence[Sequence[str]] = ()) -> StepABI:
+               counters: Sequence[str] = (), unreduced_gradients: Sequence[Sequence[str]] = (),
+               gradient_segments: Sequence[Segments | None] = ()) -> StepABI:
         """The convention. `shard_update_over`: a mesh axis over which the slots of variables
         replicated over it are sharded (`sgdgen.frontend.zero`; they get their own, possibly
         padded, shape and layout). `counters`: the roles of EXTRA_COUNTERS this step keeps.
         `unreduced_gradients`: per variable, the mesh axes its gradient arrives unreduced over
-        (() for all reduced; see `unreduced_for`); `sgd-insert-collectives` sums them."""
+        (() for all reduced; see `unreduced_for`); `sgd-insert-collectives` sums them.
+        `gradient_segments`: per variable, None, or the (name, shape) of each piece its gradient
+        arrives in (a flat bucket's gradient as its members' gradients, in offset order): one
+        argument per piece, concatenated in the program (() for every gradient whole)."""
         unknown = sorted(set(counters) - set(EXTRA_COUNTERS))
         if unknown:
             raise ValueError(f"unknown state counters {unknown}; known: {sorted(EXTRA_COUNTERS)}")
@@ -163,8 +196,15 @@ class StepABI:
                 raise ConfigError(f"the gradient of {v.name!r} cannot arrive unreduced over {bad}: only over mesh "
                                   f"axes its variable is replicated on (it is laid out {v.layout.sharding_specs} on "
                                   f"{mesh}); reduce it over those axes first")
-        inputs += [Slot("gradient", i, f"gradient/{v.name}", v.shape, v.dtype, v.layout, unreduced=u)
-                   for (i, v), u in zip(enumerate(variables), unreduced)]
+        segments = tuple(gradient_segments) or (None,) * len(variables)
+        _check_segments(variables, segments, unreduced, shard_update_over)
+        for (i, v), u, seg in zip(enumerate(variables), unreduced, segments):
+            if seg is None:
+                inputs.append(Slot("gradient", i, f"gradient/{v.name}", v.shape, v.dtype, v.layout, unreduced=u))
+            else:
+                inputs += [Slot("gradient", i, f"gradient/{name}", tuple(shape), v.dtype,
+                                Layout.replicated(mesh, len(shape)), segment=j)
+                           for j, (name, shape) in enumerate(seg)]
         if lr_input:
             inputs.append(Slot("learning_rate", None, "learning_rate", (), "float32", scalar))
         return cls(tuple(inputs), tuple(state))
@@ -181,8 +221,17 @@ class StepABI:
     @cached_property
     def unreduced_gradients(self) -> tuple[tuple[str, ...], ...]:
         """Per variable, the axes its gradient arrives unreduced over; () when every gradient is reduced."""
-        found = tuple(s.unreduced for s in self.inputs if s.role == "gradient")
+        found = tuple(s.unreduced for s in self.inputs if s.role == "gradient" and not s.segment)
         return found if any(found) else ()
+
+    @cached_property
+    def gradient_segments(self) -> tuple[int | None, ...]:
+        """Per variable, how many pieces its gradient arrives in (None: whole); () when all whole."""
+        counts: dict[int, int] = {}
+        for s in self.inputs:
+            if s.role == "gradient" and s.segment is not None:
+                counts[s.var] = counts.get(s.var, 0) + 1
+        return tuple(counts.get(i) for i in range(self.num_variables)) if counts else ()
 
     @cached_property
     def num_variables(self) -> int:
@@ -238,7 +287,14 @@ class StepABI:
             args += state.averages
         if self.skip_nonfinite:
             args.append(state.skipped)
-        args += grads
+        segments = self.gradient_segments
+        if segments:  # a segmented gradient is given as the sequence of its pieces
+            for i, (g, k) in enumerate(zip(grads, segments)):
+                if k is not None and len(g) != k:
+                    raise ValueError(f"the gradient of variable {i} arrives in {k} pieces, but {len(g)} were given")
+            args += [x for g, k in zip(grads, segments) for x in (g if k is not None else (g,))]
+        else:
+            args += grads
         if self.lr_input:
             if lr is None:
                 raise ValueError("this step takes the learning rate as an argument; pass lr")
@@ -266,8 +322,10 @@ class StepABI:
     @cached_property
     def _positions(self) -> tuple[dict[tuple[str, int | None], int], dict[tuple[str, int | None], int]]:
         """(role, variable) -> position, for the arguments and for the results."""
-        return ({(s.role, s.var): k for k, s in enumerate(self.inputs)},
-                {(s.role, s.var): k for k, s in enumerate(self.outputs)})
+        inputs: dict[tuple[str, int | None], int] = {}
+        for k, s in enumerate(self.inputs):
+            inputs.setdefault((s.role, s.var), k)  # a segmented gradient: its first piece
+        return inputs, {(s.role, s.var): k for k, s in enumerate(self.outputs)}
 
     def index(self, role: str, var: int | None = None, *, outputs: bool = False) -> int:
         """Position of the slot with this role (and variable index)."""

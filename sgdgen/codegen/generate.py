@@ -70,14 +70,17 @@ def _signature(s: Step) -> dict[str, str]:
 
 
 def generate_text(config: Any, variables: Sequence[VarSpec], mesh: Mesh | None = None,
-                  unreduced_gradients: Sequence[Sequence[str]] = ()) -> str:
+                  unreduced_gradients: Sequence[Sequence[str]] = (),
+                  gradient_segments: Sequence[Any] = ()) -> str:
     """The stage-0 module as text. See `generate` for the parsed, verified module.
     `unreduced_gradients`: per variable, the axes its gradient arrives unreduced over
-    (`StepABI.create`); they appear in the gradient arguments' `#sdy.sharding`."""
+    (`StepABI.create`); they appear in the gradient arguments' `#sdy.sharding`.
+    `gradient_segments`: per variable, None or the pieces its gradient arrives in (`StepABI.create`)."""
     mesh = mesh if mesh is not None else (variables[0].layout.mesh if variables else Mesh(()))
     _check(config, variables, mesh)
     try:
-        abi = StepABI.for_config(variables, mesh, config, stage0=True, unreduced_gradients=unreduced_gradients)
+        abi = StepABI.for_config(variables, mesh, config, stage0=True, unreduced_gradients=unreduced_gradients,
+                                 gradient_segments=gradient_segments)
     except (ValueError, ConfigError) as e:
         raise GenerateError(str(e)) from e
     step = Step(config, variables, abi)

@@ -10,6 +10,7 @@ the (clipped) gradient of each variable and the value that becomes each result.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,7 +55,7 @@ class Step:
 
     def __post_init__(self) -> None:
         self.arg = {(s.role, s.var): f"%arg{k}" for k, s in enumerate(self.abi.inputs)}
-        self.grads = {i: self.arg[("gradient", i)] for i in range(len(self.variables))}
+        self.grads = {i: self.arg[("gradient", i)] for i in range(len(self.variables))}  # until segments join
 
     @property
     def iterations(self) -> str:
@@ -62,6 +63,31 @@ class Step:
 
 
 # ---- step-level rules ------------------------------------------------------------------------
+
+def emit_gradient_segments(s: Step) -> None:
+    """A gradient that arrives in segments (a flat bucket's, as its members' gradients) is their
+    concatenate, flattened, in offset order: the bucket's gradient every rule reads. A CPU
+    executable's kernels read the pieces themselves (sgd-cpu-kernels, sgd-cpu-update)."""
+    pieces: dict[int, list[tuple[str, Any]]] = {}
+    for k, slot in enumerate(s.abi.inputs):
+        if slot.role == "gradient" and slot.segment is not None:
+            pieces.setdefault(slot.var, []).append((f"%arg{k}", slot))
+    for i, parts in pieces.items():
+        v = s.variables[i]
+        et = v.mlir_element_type
+        flat = []
+        for j, (arg, slot) in enumerate(parts):
+            n = math.prod(slot.shape)
+            if len(slot.shape) == 1:
+                flat.append((arg, n))
+                continue
+            s.b.emit(f"%gseg{i}_{j} = stablehlo.reshape {arg} : ({slot.mlir_type}) -> {tensor_type((n,), et)}")
+            flat.append((f"%gseg{i}_{j}", n))
+        types = ", ".join(tensor_type((n,), et) for _, n in flat)
+        s.b.emit(f"%grad{i} = stablehlo.concatenate {', '.join(a for a, _ in flat)}, dim = 0 : ({types}) -> "
+                 f"{v.mlir_type}")
+        s.grads[i] = f"%grad{i}"
+
 
 def emit_learning_rate(s: Step) -> None:
     """§4.0: this step's learning rate, at iterations before the increment, in each element type."""
@@ -291,5 +317,5 @@ def emit_variables(s: Step) -> None:
 
 #: Every rule of the step, in SEMANTICS §4 order.
 RULES: tuple[Callable[[Step], None], ...] = (
-    emit_learning_rate, emit_overwrite_due, emit_nonfinite_count, emit_clipping, emit_variables, emit_counter,
+    emit_gradient_segments, emit_learning_rate, emit_overwrite_due, emit_nonfinite_count, emit_clipping, emit_variables, emit_counter,
     emit_skip)

@@ -7,6 +7,7 @@ step. `compiled(key, ...)` starts that compile in a thread on the first ask and 
 until it is done; the caller meanwhile uses a path that needs no new program (per-view slices,
 a host-side concatenate). The threads are not daemons: a process that ends mid-compile waits
 for it (XLA aborts the process when a daemon thread is torn down inside a compile).
+`ready(key, start)` does the same for other work (a step program with 6,400 gradient arguments).
 """
 
 from __future__ import annotations
@@ -28,22 +29,35 @@ def compiled(key: Hashable, fn: Callable[..., Any], like: Callable[[], Sequence[
     its background compile runs, unless `wait`. A failed compile raises here (to the caller that
     waits, or the next one that asks). `store`: where finished programs are kept (default: for
     the process); an owner passing its own dict frees them with it."""
-    ready = _ready if store is None else store
+
+    def start() -> Callable[[], Any]:
+        import jax
+
+        program = jax.jit(fn, **jit_kwargs)
+        args = list(like())
+        return lambda: program.lower(*args).compile()
+
+    return ready(key, start, wait=wait, store=store)
+
+
+def ready(key: Hashable, start: Callable[[], Callable[[], Any]], *, wait: bool = False,
+          store: dict[Hashable, Any] | None = None) -> Any:
+    """The result of the work `start()` returns (run in a background thread; `start` itself runs
+    on the caller's, once), cached under `key`; None while it runs, unless `wait`. A failure
+    raises here, to the caller that waits or the next one that asks. `store`: as in `compiled`."""
+    finished = _ready if store is None else store
     with _lock:
-        done = ready.get(key)
+        done = finished.get(key)
         if done is not None:
             return done
         future = _pending.get(key)
         if future is None:
-            import jax
-
-            program = jax.jit(fn, **jit_kwargs)
-            args = list(like())
+            work = start()
             future = _pending[key] = concurrent.futures.Future()
 
             def run() -> None:
                 try:
-                    future.set_result(program.lower(*args).compile())
+                    future.set_result(work())
                 except BaseException as e:  # handed to whoever asks next
                     future.set_exception(e)
 
@@ -52,7 +66,7 @@ def compiled(key: Hashable, fn: Callable[..., Any], like: Callable[[], Sequence[
         return None
     result = future.result()
     with _lock:
-        ready[key] = result
+        finished[key] = result
         _pending.pop(key, None)
     return result
 
@@ -64,4 +78,4 @@ def abstract(x: Any) -> Any:
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
 
 
-__all__ = ["abstract", "compiled"]
+__all__ = ["abstract", "compiled", "ready"]

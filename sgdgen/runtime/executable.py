@@ -15,6 +15,7 @@ a dictionary lookup and only new arrays (the gradients) are asked for their addr
 
 from __future__ import annotations
 
+import itertools
 import math
 import weakref
 from collections.abc import Sequence
@@ -80,6 +81,7 @@ class StepExecutable:
         self.in_dtypes = [slot_dtype(s) for s in self.abi.inputs]
         donated = set(self.abi.donated)
         self.in_donated = [k in donated for k in range(len(self.abi.inputs))]
+        self._kept = tuple(k for k, d in enumerate(self.in_donated) if not d)  # arguments read, not donated
         self.in_sizes = [math.prod(s.shape) for s in self.abi.inputs]
         # id(array) -> (weakref to it, its shards' buffer addresses): the last call's results
         # (which own their donated arguments' buffers) and its non-donated arguments. Replaced
@@ -147,13 +149,19 @@ class StepExecutable:
         equivalent, known = self.equivalent, self._known
         for k, (slot, a, want, want_dtype, donated) in enumerate(zip(self.abi.inputs, args, self.in_shardings,
                                                                      self.in_dtypes, self.in_donated)):
-            what = f"{slot.role} {slot.name!r}"
-            if getattr(a, "is_deleted", lambda: False)():
-                raise StepInputError(f"{what}: the array was donated to an earlier step and is deleted; "
-                                     "pass the array that step returned")
-            entry = known.get(id(a))
-            trusted = k in prechecked or (entry is not None and entry[2] == k and entry[0]() is a)
+            # per argument per step (hundreds for a flat bucket's segmented gradient): no string is
+            # formatted and no closure made unless something is wrong
+            deleted = getattr(a, "is_deleted", None)
+            if deleted is not None and deleted():
+                raise StepInputError(f"{slot.role} {slot.name!r}: the array was donated to an earlier step and is "
+                                     "deleted; pass the array that step returned")
+            if k in prechecked:
+                trusted = True
+            else:
+                entry = known.get(id(a))
+                trusted = entry is not None and entry[2] == k and entry[0]() is a
             if not trusted:
+                what = f"{slot.role} {slot.name!r}"
                 shape, dtype = tuple(getattr(a, "shape", ())), np.dtype(getattr(a, "dtype", None))
                 if shape != slot.shape:
                     raise StepInputError(f"{what}: shape {list(shape)} does not match the compiled "
@@ -167,9 +175,10 @@ class StepExecutable:
                                          "jax.device_put it with that sharding")
             if donated:  # a donated buffer must be unique among the arguments
                 if id(a) in seen:
-                    raise StepInputError(f"{what}: the same array is also passed as {seen[id(a)]}; a donated "
-                                         "state buffer cannot be passed twice: pass distinct arrays")
-                seen[id(a)] = what
+                    raise StepInputError(f"{slot.role} {slot.name!r}: the same array is also passed as "
+                                         f"{seen[id(a)]}; a donated state buffer cannot be passed twice: pass "
+                                         "distinct arrays")
+                seen[id(a)] = f"{slot.role} {slot.name!r}"
         pointers = self._pointers(args)
         try:
             return self._shared(pointers), pointers
@@ -208,8 +217,10 @@ class StepExecutable:
                         f"{inputs[k].role} {inputs[k].name!r} shares a device buffer with {inputs[j].role} "
                         f"{inputs[j].name!r}; the step updates both in place, so they must be distinct buffers: "
                         "pass a copy of one (jax.numpy.array(x, copy=True))")
-        return tuple(k for k, donated in enumerate(self.in_donated)
-                     if not donated and any(p in owner for p in pointers[k]))
+        kept = self._kept
+        if owner.keys().isdisjoint(itertools.chain.from_iterable(pointers[k] for k in kept)):
+            return ()  # the usual answer, in one pass over every kept argument's addresses
+        return tuple(k for k in kept if not owner.keys().isdisjoint(pointers[k]))
 
     def __call__(self, args: Sequence[Any], *, check: bool = True, prechecked: frozenset[int] = frozenset()
                  ) -> list[Any]:

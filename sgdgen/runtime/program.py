@@ -31,16 +31,21 @@ class StepProgram:
     #: all are reduced. Only a caller inside JAX's explicit-sharding mode has such gradients
     #: (`sgdgen.jax_step`); StepExecutable and SGD always feed reduced arrays.
     unreduced_gradients: tuple[tuple[str, ...], ...] = ()
+    #: per variable, None or the (name, shape) pieces its gradient arrives in (`StepABI.create`):
+    #: `sgdgen.SGD(buckets=True)` feeds a flat bucket its members' gradients without packing them
+    gradient_segments: tuple[Any, ...] = ()
 
     def __hash__(self) -> int:  # asked every step by the cache: hash the config and 400 specs once
         h = self.__dict__.get("_hash")
         if h is None:
-            h = self.__dict__["_hash"] = hash((self.config, self.variables, self.mesh, self.unreduced_gradients))
+            h = self.__dict__["_hash"] = hash((self.config, self.variables, self.mesh, self.unreduced_gradients,
+                                                self.gradient_segments))
         return h
 
     @cached_property
     def abi(self) -> StepABI:
-        return StepABI.for_config(self.variables, self.mesh, self.config, unreduced_gradients=self.unreduced_gradients)
+        return StepABI.for_config(self.variables, self.mesh, self.config, unreduced_gradients=self.unreduced_gradients,
+                                  gradient_segments=self.gradient_segments)
 
     @cached_property
     def signature(self) -> StepProgram:
@@ -55,7 +60,7 @@ class StepProgram:
     def stage0_text(self) -> str:
         from sgdgen.codegen.generate import generate_text
 
-        return generate_text(self.config, self.variables, self.mesh, self.unreduced_gradients)
+        return generate_text(self.config, self.variables, self.mesh, self.unreduced_gradients, self.gradient_segments)
 
     @cached_property
     def lowered_text(self) -> str:

@@ -168,7 +168,8 @@ def _sgdgen_apply(model: Model, init: list[np.ndarray], grads: list[Any], art_di
 
     flat_read = runner(flat_opt, flat_vars)  # the step, then every variable read: views (what a forward pass pays)
     flat_read()
-    (flat_program,) = flat_opt._steps.values()
+    # the program its steps run: the one taking the gradients as segments where there is one
+    flat_program = max(flat_opt._steps.values(), key=lambda step: bool(step.program.gradient_segments))
     flat_exe = flat_program.executable.executable
     return {"sgdgen": Contender(step, sgdgen_exe=exe), "sgdgen_artifact": Contender(loaded_step, sgdgen_exe=exe),
             "sgdgen_buckets": Contender(flat_step, sgdgen_exe=flat_exe),
