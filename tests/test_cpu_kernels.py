@@ -80,6 +80,88 @@ def test_kernel_propagates_inf_and_nan_as_the_reduce_does() -> None:
     assert math.isnan(_kernel_sum(x))
 
 
+BLOCK = 1 << 18  # the kernel's elements per block (kBlock in csrc/sum_squares.cc)
+USAGE = "sgdgen_sum_squares_f32 takes N float32 arrays and returns N float64 scalars, or one"
+
+
+def _kernel_sums(xs: list[np.ndarray], results: int) -> list[float]:
+    """One call over `xs` with `results` float64 scalar results (N: one each; 1: one for all)."""
+    cpu_kernels.register()
+    call = jax.ffi.ffi_call(TARGET, [jax.ShapeDtypeStruct((), jnp.float64)] * results)
+    with jax.enable_x64(True):
+        return [float(v) for v in jax.jit(lambda *a: call(*a))(*map(jnp.asarray, xs))]
+
+
+def _gradients(sizes: list[int], seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [(rng.standard_normal(n) * np.exp2(rng.integers(-20, 20, n))).astype(np.float32) for n in sizes]
+
+
+def test_one_result_over_small_operands_is_their_block_sums_added_in_operand_order() -> None:
+    # every operand at most one block: the per-operand form's results ARE the block sums, and the
+    # one-result form adds the blocks in operand order from 0.0, so the same float64 additions
+    # in Python give its result exactly (several blocks and more than 2 blocks' elements: the pool)
+    def in_order(sums: list[float]) -> float:
+        total = 0.0
+        for s in sums:
+            total += s
+        return total
+
+    xs = _gradients([1, 0, 17, BLOCK, 96, BLOCK - 1, 0, BLOCK, 5], seed=3)
+    assert _kernel_sums(xs, 1) == [in_order(_kernel_sums(xs, len(xs)))]
+    # 1 then four 2^-54 (each rounds away on 1) against four 2^-54 (2^-52 together) then 1: two
+    # orders of the same blocks that give different sums, each the kernel's in its operand order
+    tiny = [np.array([1.0], np.float32)] + [np.array([2.0 ** -27], np.float32)] * 4
+    forward, backward = in_order(_kernel_sums(tiny, 5)), in_order(_kernel_sums(tiny[::-1], 5))
+    assert (forward, backward) == (1.0, 1.0 + 2.0 ** -52)
+    assert _kernel_sums(tiny, 1) == [forward] and _kernel_sums(tiny[::-1], 1) == [backward]
+
+
+@pytest.mark.parametrize("sizes", [[BLOCK + 3, 0, 1, 3 * BLOCK + 5, 4097], [2, 2 * BLOCK, 1], [7, 9]])
+def test_one_result_over_many_operands_is_the_sum_of_the_per_operand_results(sizes: list[int]) -> None:
+    # Both are float64 sums of the same n = sum(sizes) non-negative terms (the float32 products) in
+    # different orders, each within (n - 1) * 2^-53 (relative) of the exact sum S (the N results:
+    # sum(n_i - 1) roundings inside the calls, N - 1 adding them up), so they differ by at most
+    # 2 * (n - 1) * 2^-53 * S; and both are within the bound of S itself.
+    xs = _gradients(sizes, seed=sum(sizes))
+    n = sum(sizes)
+    exact = math.fsum(float(v) for x in xs for v in (x * x).astype(np.float64))
+    each = _kernel_sums(xs, len(xs))
+    [together] = _kernel_sums(xs, 1)
+    assert abs(together - exact) <= (n - 1) * 2.0 ** -53 * exact
+    assert abs(together - math.fsum(each)) <= 2 * (n - 1) * 2.0 ** -53 * exact
+    assert together > 0.5 * exact  # not one operand's sum alone
+
+
+def test_one_result_with_one_nonempty_operand_is_that_operands_sum_exactly() -> None:
+    # empty operands are empty blocks (sum +0.0) around the one operand's blocks: the same additions
+    [x] = _gradients([3 * BLOCK + 11], seed=5)
+    alone = _kernel_sum(x)
+    empty = np.zeros(0, np.float32)
+    assert _kernel_sums([empty, x, empty], 1) == [alone]
+    assert _kernel_sums([x], 1) == [alone]  # N == 1: the per-operand form, the same sum
+
+
+def test_one_result_propagates_inf_and_nan_from_any_operand() -> None:
+    xs = [np.ones(5, np.float32), np.ones(BLOCK + 1, np.float32), np.ones(3, np.float32)]
+    assert _kernel_sums(xs, 1) == [5.0 + BLOCK + 1 + 3]
+    xs[2][1] = np.float32(3e38)  # squares to inf in float32
+    assert _kernel_sums(xs, 1) == [math.inf]
+    xs[1][BLOCK] = np.nan  # the second operand's second block
+    assert math.isnan(_kernel_sums(xs, 1)[0])
+
+
+def test_kernel_refuses_no_operands_and_a_result_count_neither_n_nor_one() -> None:
+    x = np.ones(8, np.float32)
+    with pytest.raises(Exception, match=USAGE):
+        _kernel_sums([], 1)
+    with pytest.raises(Exception, match=USAGE):
+        _kernel_sums([x, x, x], 2)
+    with pytest.raises(Exception, match=USAGE):
+        _kernel_sums([x], 2)
+    assert _kernel_sums([x, x, x], 3) == [8.0] * 3 and _kernel_sums([x, x, x], 1) == [24.0]
+
+
 def _hlo(result) -> str:
     return backend.hlo_text(result.compiled.exe.executable)
 

@@ -128,6 +128,94 @@ def test_kernel_refuses_a_call_that_does_not_fit_its_flags() -> None:
                                  constants=np.zeros(6, np.int64)))(x, x, x, jnp.float32(0.1))
 
 
+# ---- gradient segments: g as its pieces (flags' 7th word K) -------------------------------
+
+TASK = 1 << 16  # the kernel's elements per task (kTask in csrc/sgd_update.cc)
+
+
+def _segmented_kernel(f: Flags, pieces: list[np.ndarray], w, m, a, *, due: bool, skip: bool,
+                      in_place: bool = True) -> list[np.ndarray]:
+    """The kernel called with g as K segments g_1..g_K (flags f.words() + [K]), then w, m, [a], scalars."""
+    cpu_kernels.register()
+    n, k = len(w), len(pieces)
+    arrays = [w, m, a] if f.ema else [w, m]
+    scalars = [np.float32(LR)] + ([np.float32(S)] if f.clip in (1, 2) else [])
+    scalars += ([np.bool_(due)] if f.overwrite else []) + ([np.bool_(skip)] if f.skip else [])
+    results = len(arrays)
+    call = jax.ffi.ffi_call(TARGET, [jax.ShapeDtypeStruct((n,), jnp.float32)] * results,
+                            input_output_aliases={k + r: r for r in range(results)} if in_place else None)
+    run = jax.jit(lambda *xs: call(*xs, flags=np.array(f.words() + [k], np.int64), constants=_constants(f)),
+                  donate_argnums=tuple(range(k, k + results)) if in_place else ())
+    out = run(*[jnp.asarray(x) for x in (*pieces, *arrays)], *scalars)
+    return [np.asarray(x) for x in out]
+
+
+# segment sizes over n = 3 * TASK + 123 elements (4 tasks, 3 helpers on the pool): 1-element and
+# empty segments (first, middle, last), one ending exactly on a task boundary, ones crossing one
+# or two task boundaries, and the last task's short range split too
+N_SEGMENTED = 3 * TASK + 123
+LAYOUTS = {
+    "small_and_empty": [1, 0, TASK - 1, 3, 70000, 1, 0, 61000, N_SEGMENTED - (TASK + 3 + 70000 + 1 + 61000), 0],
+    "spanning": [0, 140000, 1, 1, N_SEGMENTED - 140002],
+    "one_per_task_offset": [TASK + 5, TASK - 10, TASK + 5, 123],
+}
+SEGMENT_FLAGS = [Flags(0, False, False, False, False, False),  # plain momentum
+                 Flags(1, True, True, True, False, False),  # global clip, decay, Nesterov, EMA
+                 Flags(3, False, False, True, True, True)]  # clipvalue, EMA with overwrite, skip
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("f", SEGMENT_FLAGS, ids=lambda f: "-".join(map(str, f.words())))
+def test_segmented_gradient_gives_the_concatenated_calls_bits(f: Flags, layout: str) -> None:
+    sizes = LAYOUTS[layout]
+    assert sum(sizes) == N_SEGMENTED and min(sizes) >= 0
+    g, w, m, a = _inputs(N_SEGMENTED, seed=len(sizes) + sum(f.words()))
+    g[TASK - 1:TASK + 2] = [np.nan, np.inf, -C]  # specials where segments and tasks meet too
+    pieces = np.split(g, np.cumsum(sizes)[:-1])
+    assert [len(p) for p in pieces] == sizes
+    for due, skip in itertools.product((False, True) if f.overwrite else (False,), (False, True) if f.skip else (False,)):
+        want = _kernel(f, g, w.copy(), m.copy(), a.copy(), due=due, skip=skip)
+        got = _segmented_kernel(f, [p.copy() for p in pieces], w.copy(), m.copy(), a.copy(), due=due, skip=skip)
+        assert len(got) == len(want)
+        for role, x, y in zip("wma", got, want):
+            assert _same_bits(x, y), f"{role}' differs from the unsegmented call ({layout}, flags {f.words()}, due={due}, skip={skip})"
+        if not (f.skip and skip):  # the update did something (else both trivially keep the operands)
+            assert not _same_bits(got[1], m)
+
+
+def test_segmented_gradient_out_of_place_gives_the_same_bits_and_keeps_the_operands() -> None:
+    f = Flags(1, True, True, True, True, False)
+    g, w, m, a = _inputs(N_SEGMENTED, seed=23)
+    pieces = np.split(g, np.cumsum(LAYOUTS["small_and_empty"])[:-1])
+    keep = [x.copy() for x in (w, m, a)]
+    want = _reference(f, g, w, m, a, due=True, skip=False)
+    got = _segmented_kernel(f, pieces, w, m, a, due=True, skip=False, in_place=False)
+    assert all(_same_bits(x, y) for x, y in zip(got, want))
+    assert all(np.array_equal(x, y, equal_nan=True) for x, y in zip((w, m, a), keep))
+
+
+def _raw_call(flags: list[int], operands: list, results: int = 2, n: int = 4):
+    cpu_kernels.register()
+    call = jax.ffi.ffi_call(TARGET, [jax.ShapeDtypeStruct((n,), jnp.float32)] * results)
+    return jax.jit(lambda *xs: call(*xs, flags=np.array(flags, np.int64), constants=np.zeros(6, np.int64)))(*operands)
+
+
+def test_kernel_refuses_segments_that_do_not_fit_the_operands() -> None:
+    x, half, lr = jnp.ones(4, jnp.float32), jnp.ones(2, jnp.float32), jnp.float32(0.1)
+    out = _raw_call([0, 0, 0, 0, 0, 0, 2], [half, half, x, x, lr])  # K = 2: g_1, g_2, w, m, lr
+    assert all(np.isfinite(np.asarray(r)).all() for r in out)
+    with pytest.raises(Exception, match="sgdgen_sgd_update_f32: takes 6 operands and 2 results for its flags, got 5"):
+        _raw_call([0, 0, 0, 0, 0, 0, 3], [half, half, x, x, lr])  # K = 3 wants one more segment
+    with pytest.raises(Exception, match="sgdgen_sgd_update_f32: takes 4 operands and 2 results for its flags, got 5"):
+        _raw_call([0, 0, 0, 0, 0, 0, 1], [half, half, x, x, lr])  # K = 1 is the unsegmented call
+    with pytest.raises(Exception, match="sgdgen_sgd_update_f32: g, w, m and a differ in element count"):
+        _raw_call([0, 0, 0, 0, 0, 0, 2], [half, x, x, x, lr])  # the segments' counts add up to 6, not 4
+    with pytest.raises(Exception, match=r"sgdgen_sgd_update_f32: flags must be .*segments >= 1"):
+        _raw_call([0, 0, 0, 0, 0, 0, 0], [x, x, lr])  # K = 0: no gradient at all
+    with pytest.raises(Exception, match=r"sgdgen_sgd_update_f32: flags must be"):
+        _raw_call([0, 0, 0, 0, 0, 0, 2, 1], [half, half, x, x, lr])  # 8 words
+
+
 # ---- the pass finds every update the generator emits --------------------------------------
 
 MESH = Mesh(())

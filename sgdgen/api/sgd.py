@@ -598,9 +598,7 @@ class SGD:
         key = ("segments", present, step.program.config)
         seg = self._steps.get(key)
         if seg is None:
-            segments = tuple(None if plan.members[plan.contents[b][0]].own else
-                             tuple((plan.variables[k].name, plan.variables[k].shape) for k in plan.contents[b])
-                             for b in present)
+            segments = plan.gradient_segments(present)
             seg = self._steps[key] = Step(dataclasses.replace(step.program, gradient_segments=segments))
         return seg
 

@@ -94,6 +94,15 @@ class BucketPlan:
         return [buckets[m.bucket] if m.own else slices(buckets[m.bucket], [(m.offset, m.size, m.shape)])[0]
                 for m in self.members]
 
+    def gradient_segments(self, buckets: Sequence[int] | None = None) -> tuple[Any, ...]:
+        """Per bucket (of `buckets`, default every one): None for a variable's own buffer, else the
+        (name, shape) of each member in offset order: the `gradient_segments` of the program that
+        takes a flat bucket's gradient as its members' gradients (`StepABI.create`)."""
+        chosen = range(len(self.buckets)) if buckets is None else buckets
+        return tuple(None if self.members[self.contents[b][0]].own else
+                     tuple((self.variables[k].name, self.variables[k].shape) for k in self.contents[b])
+                     for b in chosen)
+
     def describe(self) -> str:
         """A one-line summary: "412 variables in 9 buffers (3 flat buckets of 405 variables)"."""
         flat = [c for c in self.contents if not self.members[c[0]].own]

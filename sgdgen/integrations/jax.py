@@ -216,17 +216,43 @@ class JaxStep:
         leaves = self._leaves(tree, what)
         if self.plan is None:
             return leaves, False
-        for i, (leaf, m) in enumerate(zip(leaves, self.plan.members)):
-            if tuple(leaf.shape) != m.shape:
-                name = self.plan.variables[i].name
-                raise StepInputError(f"{what[:-1]} {name!r}: shape {list(leaf.shape)} does not match the step's "
-                                     f"{list(m.shape)}")
+        self._check_shapes(leaves, what)
         if _concrete(leaves):  # eager: through the host (XLA took 14 s to compile a 6,400-way concatenate)
             plan = self.plan
             packed = plan.pack([x if m.own else np.asarray(x) for x, m in zip(leaves, plan.members)])
             return [b if plan.members[c[0]].own else backend.device_put(b, _like(leaves[c[0]], spec.layout))
                     for b, c, spec in zip(packed, plan.contents, plan.buckets)], False
         return self.plan.pack(leaves, jnp), False
+
+    def _check_shapes(self, leaves: Sequence[Any], what: str) -> None:
+        """Each leaf has its variable's shape, or an error naming it (`what`: "params" / "grads")."""
+        for i, (leaf, m) in enumerate(zip(leaves, self.plan.members)):
+            if tuple(leaf.shape) != m.shape:
+                name = self.plan.variables[i].name
+                raise StepInputError(f"{what[:-1]} {name!r}: shape {list(leaf.shape)} does not match the step's "
+                                     f"{list(m.shape)}")
+
+    def _segmented(self, grads: Any) -> tuple[StepProgram, list[Any]] | None:
+        """Under a trace, a bucketed step's per-leaf gradients go to the program that takes each
+        flat bucket's gradient as its members' gradients (`StepABI` gradient segments): the
+        concatenate is inside the step, where the CPU kernels read the pieces in place instead of
+        XLA writing it out. None (the gradients are packed first) for FlatParams, eager values,
+        or gradients that arrive unreduced."""
+        import jax
+
+        if self.plan is None or isinstance(grads, FlatParams):
+            return None
+        leaves = self._leaves(grads, "grads")
+        if _concrete(leaves):
+            return None
+        self._check_shapes(leaves, "grads")
+        for leaf in leaves:
+            spec = getattr(getattr(jax.typeof(leaf), "sharding", None), "spec", None)
+            if getattr(spec, "unreduced", None):
+                return None
+        plan = self.plan
+        buffers = [leaves[c[0]] if plan.members[c[0]].own else [leaves[k] for k in c] for c in plan.contents]
+        return _segments(self.program, plan.gradient_segments()), buffers
 
     def _unpack(self, buffers: Sequence[Any]) -> list[Any]:
         """Per-leaf values of the buffers: static slices under a trace; eagerly, host views placed
@@ -319,8 +345,12 @@ class JaxStep:
         if not isinstance(state, StepState):
             raise StepInputError(f"state must be the StepState of step.init(params), got {type(state).__name__}")
         param_buffers, flat = self._buffers(params, "params")
-        grad_buffers, _ = self._buffers(grads, "grads")
-        program = self.program_for(grad_buffers)
+        segmented = self._segmented(grads)
+        if segmented is not None:
+            program, grad_buffers = segmented
+        else:
+            grad_buffers, _ = self._buffers(grads, "grads")
+            program = self.program_for(grad_buffers)
         args = program.abi.pack(state, param_buffers, grad_buffers, lr)
         new_params, new_state = program.abi.unpack(primitive.apply(program, args))
         if flat:
@@ -328,6 +358,13 @@ class JaxStep:
         if self.plan is not None:
             new_params = self._unpack(new_params)
         return jax.tree_util.tree_unflatten(self.treedef, new_params), new_state
+
+
+@functools.lru_cache(maxsize=64)
+def _segments(program: StepProgram, segments: tuple[Any, ...]) -> StepProgram:
+    """`program` taking each flat bucket's gradient as its members' (one object per key, so its
+    abi and lowered text are built once)."""
+    return dataclasses.replace(program, gradient_segments=segments)
 
 
 @functools.lru_cache(maxsize=64)

@@ -99,9 +99,12 @@ def cmd_emit(args: argparse.Namespace) -> int:
         plan = buckets.plan(variables, mesh, threshold=args.buckets, per_variable_norms=config.clipnorm is not None)
         variables = list(plan.buckets)
         sys.stderr.write(f"sgdgen emit: {plan.describe()}\n")
+    elif args.gradient_segments:
+        raise UsageError("--gradient-segments needs --buckets: only a flat bucket's gradient arrives in segments")
     axes = [a for a in args.unreduced_gradients.split(",") if a]
+    segments = plan.gradient_segments() if args.gradient_segments else ()
     try:
-        text = generate_text(config, variables, mesh, unreduced_for(variables, axes) if axes else ())
+        text = generate_text(config, variables, mesh, unreduced_for(variables, axes) if axes else (), segments)
     except GenerateError as e:
         raise UsageError(str(e)) from e
     if args.lowered:
@@ -279,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--buckets", type=int, nargs="?", const=1 << 16, default=None, metavar="THRESHOLD",
                    help="the step over flat buckets: replicated variables of fewer than THRESHOLD elements "
                         "(default 65536) packed per (dtype, weight decay) group (sgdgen.frontend.buckets)")
+    p.add_argument("--gradient-segments", action="store_true",
+                   help="with --buckets: each flat bucket's gradient arrives as its members' gradients (one "
+                        "argument each, concatenated in the program), as sgdgen.SGD(buckets=True) feeds it on CPU")
     p.add_argument("--unreduced-gradients", default="", metavar="AXES",
                    help="comma-separated mesh axes over which the gradients of variables replicated on them "
                         'arrive unreduced (partial sums, e.g. "batch"); the step sums them')
