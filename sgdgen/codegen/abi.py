@@ -314,7 +314,7 @@ class StepABI:
         skipped = results[self.index("skipped", outputs=True)] if self.skip_nonfinite else None
         return params, StepState(results[0], momenta, averages, skipped)
 
-    @property
+    @cached_property
     def aliases(self) -> dict[int, int]:
         """result index -> argument index it updates in place."""
         return {k: k for k in range(len(self.outputs))}

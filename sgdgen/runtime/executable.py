@@ -78,6 +78,7 @@ class StepExecutable:
         self.in_shardings = [s.layout.named_sharding() for s in self.abi.inputs]
         self.out_shardings = [s.layout.named_sharding() for s in self.abi.outputs]
         self.out_avals = [backend.shaped_array(s.shape, slot_dtype(s)) for s in self.abi.outputs]
+        self._handlers = backend.result_handlers(self.out_shardings, self.out_avals)  # reused by every call
         self.in_dtypes = [slot_dtype(s) for s in self.abi.inputs]
         donated = set(self.abi.donated)
         self.in_donated = [k in donated for k in range(len(self.abi.inputs))]
@@ -145,7 +146,7 @@ class StepExecutable:
                ) -> tuple[tuple[int, ...], list[tuple[int, ...]]]:
         if len(args) != len(self.abi.inputs):
             raise StepInputError(f"the step takes {len(self.abi.inputs)} arguments, got {len(args)}")
-        seen: dict[int, str] = {}
+        seen: dict[int, int] = {}  # id -> the donated position that holds it
         equivalent, known = self.equivalent, self._known
         for k, (slot, a, want, want_dtype, donated) in enumerate(zip(self.abi.inputs, args, self.in_shardings,
                                                                      self.in_dtypes, self.in_donated)):
@@ -174,11 +175,12 @@ class StepExecutable:
                     raise StepInputError(f"{what}: laid out as {have}, but the step expects {want}; "
                                          "jax.device_put it with that sharding")
             if donated:  # a donated buffer must be unique among the arguments
-                if id(a) in seen:
+                j = seen.setdefault(id(a), k)
+                if j != k:
+                    other = self.abi.inputs[j]
                     raise StepInputError(f"{slot.role} {slot.name!r}: the same array is also passed as "
-                                         f"{seen[id(a)]}; a donated state buffer cannot be passed twice: pass "
-                                         "distinct arrays")
-                seen[id(a)] = f"{slot.role} {slot.name!r}"
+                                         f"{other.role} {other.name!r}; a donated state buffer cannot be passed "
+                                         "twice: pass distinct arrays")
         pointers = self._pointers(args)
         try:
             return self._shared(pointers), pointers
@@ -229,12 +231,12 @@ class StepExecutable:
         With `check`, arguments are checked first (nothing runs on a mismatch), and a
         gradient that shares a buffer with donated state is copied before the step."""
         if not check:
-            return backend.execute(self.executable, args, self.out_shardings, self.out_avals)
+            return backend.execute(self.executable, args, self.out_shardings, self.out_avals, handlers=self._handlers)
         args = list(args)
         copies, pointers = self._check(args, prechecked)
         for k in copies:
             args[k] = backend.copy_array(args[k])
-        results = backend.execute(self.executable, args, self.out_shardings, self.out_avals)
+        results = backend.execute(self.executable, args, self.out_shardings, self.out_avals, handlers=self._handlers)
         self._remember(args, results, pointers, set(copies))
         return results
 
