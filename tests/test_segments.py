@@ -10,6 +10,7 @@ program once its background compile is done and packs them until then.
 from __future__ import annotations
 
 import threading
+import warnings
 
 import jax
 import numpy as np
@@ -210,3 +211,36 @@ def test_jax_step_takes_per_leaf_gradients_as_segments_in_a_jit() -> None:
     assert ("concatenate" not in hlo) == cpu_kernels.available()
     with pytest.raises(StepInputError, match="grad 'p1': shape \\[3\\] does not match the step's \\[64\\]"):
         per_leaf(flat, step.init(flat), {**grads, "p1": jax.numpy.zeros(3)})
+
+
+def test_a_segmented_step_that_cannot_be_built_falls_back_to_packing(monkeypatch) -> None:
+    """The segmented program is an optimisation: if it fails to build, training goes on with the
+    gradients packed (one warning), every later step too, with the results of packing."""
+    built = []
+    real = Step.executable
+
+    def executable(self: Step):
+        if self.program.gradient_segments:
+            built.append(self.program)
+            raise RuntimeError("no such executable")
+        return real.fget(self)
+
+    monkeypatch.setattr(Step, "executable", property(executable))
+    shapes = SHAPES[:4]
+    variables = [sgdgen.Variable(np.full(s, 0.5, np.float32), name=f"v{i}") for i, s in enumerate(shapes)]
+    twins = [sgdgen.Variable(np.full(s, 0.5, np.float32), name=f"v{i}") for i, s in enumerate(shapes)]
+    opt = sgdgen.SGD(0.1, momentum=0.9, buckets=True)
+    want = sgdgen.SGD(0.1, momentum=0.9, buckets=False)
+    grads = [jax.numpy.full(s, 0.25, np.float32) for s in shapes]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for k in range(5):
+            opt.apply_gradients(zip(grads, variables))
+            if k == 1:
+                _join_background_compiles()
+            want.apply_gradients(zip(grads, twins))
+    failed = [w for w in caught if issubclass(w.category, RuntimeWarning) and "could not be built" in str(w.message)]
+    assert len(failed) == 1 and "RuntimeError: no such executable" in str(failed[0].message)
+    assert len(built) == 1 and int(opt.iterations.numpy()) == 5
+    for v, w in zip(variables, twins):
+        np.testing.assert_allclose(v.numpy(), w.numpy(), rtol=0, atol=1e-6)

@@ -20,6 +20,7 @@ Per-variable gradients reach a flat bucket in one of two ways:
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +52,7 @@ class Buckets:
     _whole: dict[tuple[Any, ...], bool] = field(default_factory=dict)
     _calls: dict[tuple[Any, ...], int] = field(default_factory=dict)
     _programs: dict[Any, Any] = field(default_factory=dict)  # compiled packers and steps, freed with these buckets
+    _failed: set[tuple[Any, ...]] = field(default_factory=set)  # segment steps that could not be built: packed
     _token: int = field(default_factory=lambda: next(_tokens))  # this object's part of a pending compile's key
 
     @classmethod
@@ -101,7 +103,17 @@ class Buckets:
             cpu_kernels.rewrite(step.program.lowered_text)
             return lambda: step.executable
 
-        return background.ready(("segments", self._token, key), start, wait=not whole, store=self._programs) is not None
+        if key in self._failed:
+            return False
+        try:
+            return background.ready(("segments", self._token, key), start, wait=not whole,
+                                    store=self._programs) is not None
+        except Exception as e:  # an optimisation that cannot be built never stops training: pack instead
+            self._failed.add(key)
+            warnings.warn(f"sgdgen: the step that takes the flat buckets' gradients as segments could not be built "
+                          f"({type(e).__name__}: {e}); packing the gradients instead, as without sgdgen's CPU "
+                          "kernels (SGDGEN_CPU_KERNELS=0 skips it)", RuntimeWarning, stacklevel=4)
+            return False
 
     def _whole_gradients(self, key: tuple[Any, ...], grads: Sequence[Sequence[Any]]) -> bool:
         """Whether this process holds every gradient whole (not so across processes), asked once per key."""
