@@ -105,8 +105,9 @@ class Step:
               check: bool = True, grads_checked: bool = False) -> tuple[tuple[Any, ...], StepState]:
         """One step: (new params, new state). Every argument is checked first (shape, dtype,
         layout, a donated buffer passed twice): a mismatch raises before anything runs.
-        `grads_checked`: the caller has checked the gradients' shapes, dtypes and layouts (as
-        `sgdgen.SGD` does, with Keras' errors), so they are not checked twice."""
+        `grads_checked`: the caller has checked the gradients' shapes, dtypes, layouts and that
+        they are not deleted (as `sgdgen.SGD` does, with Keras' errors), so they are not checked
+        twice; only their buffers are still compared with the donated state's."""
         exe = self.executable
         args = self.abi.pack(state, params, grads, self.lr_argument(lr) if lr is not None else None)
         prechecked = self.abi.gradient_positions if grads_checked else frozenset()

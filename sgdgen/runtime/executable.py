@@ -83,6 +83,7 @@ class StepExecutable:
         donated = set(self.abi.donated)
         self.in_donated = [k in donated for k in range(len(self.abi.inputs))]
         self._kept = tuple(k for k, d in enumerate(self.in_donated) if not d)  # arguments read, not donated
+        self._unchecked: dict[frozenset[int], tuple[int, ...]] = {}  # prechecked positions -> the others
         self.in_sizes = [math.prod(s.shape) for s in self.abi.inputs]
         # id(array) -> (weakref to it, its shards' buffer addresses): the last call's results
         # (which own their donated arguments' buffers) and its non-donated arguments. Replaced
@@ -134,9 +135,11 @@ class StepExecutable:
 
         Each argument's shape, dtype and layout is checked once: not again when it is this
         executable's own result of the previous call fed back to the same position, or was
-        given to that position last call, or its position is in `prechecked` (the caller has
-        checked it, e.g. `sgdgen.SGD`'s gradients). Whether it is deleted, unique among the
-        donated arguments and free of shared buffers is checked every time.
+        given to that position last call. Whether it is deleted and unique among the donated
+        arguments is checked every time, and every argument's buffers are checked against the
+        donated ones. Positions in `prechecked` (non-donated arguments the caller has checked
+        for shape, dtype, layout and liveness, e.g. `sgdgen.SGD`'s gradients) are only checked
+        for shared buffers.
 
         Returns the indices of non-donated arguments (gradients) that share a device buffer
         with a donated one: the step runs on a copy of those (`__call__` makes it)."""
@@ -147,20 +150,19 @@ class StepExecutable:
         if len(args) != len(self.abi.inputs):
             raise StepInputError(f"the step takes {len(self.abi.inputs)} arguments, got {len(args)}")
         seen: dict[int, int] = {}  # id -> the donated position that holds it
-        equivalent, known = self.equivalent, self._known
-        for k, (slot, a, want, want_dtype, donated) in enumerate(zip(self.abi.inputs, args, self.in_shardings,
-                                                                     self.in_dtypes, self.in_donated)):
-            # per argument per step (hundreds for a flat bucket's segmented gradient): no string is
-            # formatted and no closure made unless something is wrong
+        equivalent, known, inputs = self.equivalent, self._known, self.abi.inputs
+        positions = self._unchecked.get(prechecked)
+        if positions is None:
+            positions = self._unchecked[prechecked] = tuple(k for k in range(len(inputs)) if k not in prechecked)
+        for k in positions:  # per step: no string is formatted and no closure made unless something is wrong
+            slot, a, want, want_dtype, donated = inputs[k], args[k], self.in_shardings[k], self.in_dtypes[k], \
+                self.in_donated[k]
             deleted = getattr(a, "is_deleted", None)
             if deleted is not None and deleted():
                 raise StepInputError(f"{slot.role} {slot.name!r}: the array was donated to an earlier step and is "
                                      "deleted; pass the array that step returned")
-            if k in prechecked:
-                trusted = True
-            else:
-                entry = known.get(id(a))
-                trusted = entry is not None and entry[2] == k and entry[0]() is a
+            entry = known.get(id(a))
+            trusted = entry is not None and entry[2] == k and entry[0]() is a
             if not trusted:
                 what = f"{slot.role} {slot.name!r}"
                 shape, dtype = tuple(getattr(a, "shape", ())), np.dtype(getattr(a, "dtype", None))
