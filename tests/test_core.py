@@ -173,3 +173,27 @@ def test_each_argument_is_checked_once_per_step() -> None:
         assert not any(a.is_deleted() for a in new)
     finally:
         exe.equivalent = real
+
+
+def test_a_donated_array_passed_twice_is_refused_before_anything_runs() -> None:
+    """Every donated argument must be its own buffer: the same array at two state positions is
+    refused, naming both, whether both are new to the executable or one is its own result of
+    the last call fed back to its position (which skips the per-argument checks); a step's
+    results fed back swapped between two positions of one shape are distinct arrays and run."""
+    specs = (VarSpec("a", (8,), "float32", Layout.replicated(MESH, 1)),
+             VarSpec("b", (8,), "float32", Layout.replicated(MESH, 1)))
+    step = Step(StepProgram(SGDConfig.create(0.1, momentum=0.9), specs, MESH))
+    grads = [sgdgen.Variable(np.full(8, 0.5, np.float32), layout=s.layout).value for s in specs]
+    fresh = lambda: sgdgen.Variable(np.ones(8, np.float32), layout=specs[0].layout).value  # noqa: E731
+    same = fresh()
+    state = step.init([np.ones(8, np.float32)] * 2)
+    with pytest.raises(ValueError, match="variable 'b': the same array is also passed as variable 'a'"):
+        step.apply(state, [same, same], grads, 0.1)
+    assert not same.is_deleted() and not state.iterations.is_deleted()
+    params, state = step.apply(state, [fresh(), fresh()], grads, 0.1)
+    # the last call's result for 'a' fed back to 'a' (trusted) and passed again as a momentum
+    with pytest.raises(ValueError, match="the same array is also passed as variable 'a'"):
+        step.apply(state._replace(momenta=(params[0], state.momenta[1])), list(params), grads, 0.1)
+    assert not params[0].is_deleted()
+    params, state = step.apply(state, [params[1], params[0]], grads, 0.1)  # swapped: distinct, so it runs
+    assert int(np.asarray(state.iterations)) == 2

@@ -149,38 +149,29 @@ class StepExecutable:
                ) -> tuple[tuple[int, ...], list[tuple[int, ...]]]:
         if len(args) != len(self.abi.inputs):
             raise StepInputError(f"the step takes {len(self.abi.inputs)} arguments, got {len(args)}")
-        seen: dict[int, int] = {}  # id -> the donated position that holds it
-        equivalent, known, inputs = self.equivalent, self._known, self.abi.inputs
+        seen: dict[int, int] = {}  # id -> the donated position that holds it (untrusted arguments only)
+        known, inputs, donated = self._known, self.abi.inputs, self.in_donated
         positions = self._unchecked.get(prechecked)
         if positions is None:
             positions = self._unchecked[prechecked] = tuple(k for k in range(len(inputs)) if k not in prechecked)
         for k in positions:  # per step: no string is formatted and no closure made unless something is wrong
-            slot, a, want, want_dtype, donated = inputs[k], args[k], self.in_shardings[k], self.in_dtypes[k], \
-                self.in_donated[k]
+            a = args[k]
             deleted = getattr(a, "is_deleted", None)
             if deleted is not None and deleted():
-                raise StepInputError(f"{slot.role} {slot.name!r}: the array was donated to an earlier step and is "
-                                     "deleted; pass the array that step returned")
+                raise StepInputError(f"{inputs[k].role} {inputs[k].name!r}: the array was donated to an earlier "
+                                     "step and is deleted; pass the array that step returned")
             entry = known.get(id(a))
-            trusted = entry is not None and entry[2] == k and entry[0]() is a
-            if not trusted:
-                what = f"{slot.role} {slot.name!r}"
-                shape, dtype = tuple(getattr(a, "shape", ())), np.dtype(getattr(a, "dtype", None))
-                if shape != slot.shape:
-                    raise StepInputError(f"{what}: shape {list(shape)} does not match the compiled "
-                                         f"{list(slot.shape)}")
-                if dtype != want_dtype:
-                    raise StepInputError(f"{what}: dtype {dtype} does not match the compiled {want_dtype}; "
-                                         f"cast it with .astype({want_dtype})")
-                have = getattr(a, "sharding", None)
-                if have is None or not equivalent(have, want, len(shape)):
-                    raise StepInputError(f"{what}: laid out as {have}, but the step expects {want}; "
-                                         "jax.device_put it with that sharding")
-            if donated:  # a donated buffer must be unique among the arguments
+            if entry is not None and entry[2] == k and entry[0]() is a:
+                continue  # this position's own array of the last call: checked then, and (one position per
+                # remembered array) held by no other position that is trusted too
+            self._check_slot(k, a)
+            if donated[k]:  # a donated buffer must be unique among the arguments
                 j = seen.setdefault(id(a), k)
+                if j == k and entry is not None and donated[entry[2]] and entry[0]() is a and args[entry[2]] is a:
+                    j = entry[2]  # the array is also at the (donated) position it was remembered for
                 if j != k:
-                    other = self.abi.inputs[j]
-                    raise StepInputError(f"{slot.role} {slot.name!r}: the same array is also passed as "
+                    other = inputs[j]
+                    raise StepInputError(f"{inputs[k].role} {inputs[k].name!r}: the same array is also passed as "
                                          f"{other.role} {other.name!r}; a donated state buffer cannot be passed "
                                          "twice: pass distinct arrays")
         pointers = self._pointers(args)
@@ -194,6 +185,21 @@ class StepExecutable:
             self._results_alias = False
             fresh = [backend.buffer_pointers(a) if size else () for a, size in zip(args, self.in_sizes)]
             return self._shared(fresh), fresh
+
+    def _check_slot(self, k: int, a: Any) -> None:
+        """Argument `a` at position k has the slot's shape, dtype and layout, or an error naming it."""
+        slot, want, want_dtype = self.abi.inputs[k], self.in_shardings[k], self.in_dtypes[k]
+        what = f"{slot.role} {slot.name!r}"
+        shape, dtype = tuple(getattr(a, "shape", ())), np.dtype(getattr(a, "dtype", None))
+        if shape != slot.shape:
+            raise StepInputError(f"{what}: shape {list(shape)} does not match the compiled {list(slot.shape)}")
+        if dtype != want_dtype:
+            raise StepInputError(f"{what}: dtype {dtype} does not match the compiled {want_dtype}; "
+                                 f"cast it with .astype({want_dtype})")
+        have = getattr(a, "sharding", None)
+        if have is None or not self.equivalent(have, want, len(shape)):
+            raise StepInputError(f"{what}: laid out as {have}, but the step expects {want}; "
+                                 "jax.device_put it with that sharding")
 
     def _pointers(self, args: Sequence[Any]) -> list[tuple[int, ...]]:
         """Each argument's shard buffer addresses (none for an empty array: it has no memory)."""
