@@ -53,3 +53,35 @@ def test_the_abstract_argument_keeps_shape_dtype_and_sharding_not_data():
     x = jax.device_put(np.ones((3, 2), np.float32))
     a = background.abstract(x)
     assert (a.shape, a.dtype, a.sharding) == (x.shape, x.dtype, x.sharding)
+
+
+def test_ready_runs_other_work_and_drain_waits_for_everything_started():
+    """`ready` serves any work (start on the caller's thread, the work in the background), and
+    `drain` returns only when every started piece of work is done; a failure stays for the asker."""
+    import threading
+
+    gate = threading.Event()
+    started = []
+
+    def start():
+        started.append(threading.current_thread().name)
+        return lambda: gate.wait(30) and "done"
+
+    store: dict = {}
+    assert background.ready(("t", 4), start, store=store) is None  # still running: the gate is shut
+    assert started == [threading.current_thread().name]
+    threading.Timer(0.2, gate.set).start()
+    background.drain()
+    assert gate.is_set() and background.ready(("t", 4), start, store=store) == "done" and len(started) == 1
+
+    shut = threading.Event()
+
+    def fails():
+        shut.wait(30)
+        raise RuntimeError("work failed")
+
+    assert background.ready(("t", 5), lambda: fails, store={}) is None
+    threading.Timer(0.2, shut.set).start()
+    background.drain()  # does not raise: the failure is for whoever asks
+    with pytest.raises(RuntimeError, match="work failed"):
+        background.ready(("t", 5), lambda: fails, store={})

@@ -9,7 +9,6 @@ program once its background compile is done and packs them until then.
 
 from __future__ import annotations
 
-import threading
 import warnings
 
 import jax
@@ -22,7 +21,7 @@ from sgdgen.errors import ConfigError, StepInputError
 from sgdgen.frontend import buckets as bucketing
 from sgdgen.frontend.config import SGDConfig
 from sgdgen.frontend.spec import Layout, Mesh, VarSpec
-from sgdgen.runtime import cpu_kernels
+from sgdgen.runtime import background, cpu_kernels
 from sgdgen.runtime.core import Step
 from sgdgen.runtime.program import StepProgram
 
@@ -152,10 +151,6 @@ def test_the_cpu_executable_reads_the_pieces_where_they_lie() -> None:
 
 # ---- sgdgen.SGD(buckets=True) ----------------------------------------------------------------
 
-def _join_background_compiles() -> None:
-    for t in threading.enumerate():
-        if t.name == "sgdgen-background-compile":
-            t.join()
 
 
 def _train(buckets: bool, mesh: Mesh | None = None, steps: int = 8) -> tuple[sgdgen.SGD, list[sgdgen.Variable]]:
@@ -168,7 +163,7 @@ def _train(buckets: bool, mesh: Mesh | None = None, steps: int = 8) -> tuple[sgd
               for v in variables]
         opt.apply_gradients(zip(gs, variables))
         if k == 1:
-            _join_background_compiles()  # started by the second step: the third one takes segments
+            background.drain()  # started by the second step: the third one takes segments
     return opt, variables
 
 
@@ -188,7 +183,7 @@ def test_sgd_buckets_feeds_per_variable_gradients_as_segments(mesh: str | None) 
 
 def test_a_one_step_process_compiles_no_segmented_program() -> None:
     opt, _ = _train(True, steps=1)
-    _join_background_compiles()
+    background.drain()
     assert not opt._flat._programs and not any(k[0] == "segments" for k in opt._flat._programs)
 
 
@@ -237,7 +232,7 @@ def test_a_segmented_step_that_cannot_be_built_falls_back_to_packing(monkeypatch
         for k in range(5):
             opt.apply_gradients(zip(grads, variables))
             if k == 1:
-                _join_background_compiles()
+                background.drain()
             want.apply_gradients(zip(grads, twins))
     failed = [w for w in caught if issubclass(w.category, RuntimeWarning) and "could not be built" in str(w.message)]
     assert len(failed) == 1 and "RuntimeError: no such executable" in str(failed[0].message)

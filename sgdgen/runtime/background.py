@@ -71,6 +71,14 @@ def ready(key: Hashable, start: Callable[[], Callable[[], Any]], *, wait: bool =
     return result
 
 
+def drain() -> None:
+    """Waits for every background compile started so far (a benchmark measuring the steady
+    state, a test that needs the compiled program); their failures stay for whoever asks."""
+    with _lock:
+        pending = list(_pending.values())
+    concurrent.futures.wait(pending)
+
+
 def abstract(x: Any) -> Any:
     """`x`'s shape, dtype and sharding (what a compile needs; not its data, which may be donated)."""
     import jax
@@ -78,4 +86,4 @@ def abstract(x: Any) -> Any:
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
 
 
-__all__ = ["abstract", "compiled", "ready"]
+__all__ = ["abstract", "compiled", "drain", "ready"]
