@@ -86,55 +86,65 @@ class Buckets:
         """(bucket, position within the bucket) of variable k."""
         return self.plan.members[k].bucket, self.plan.positions[k]
 
-    def use_segments(self, buckets: Sequence[int], grads: Sequence[Sequence[Any]], step: Any) -> bool:
-        """Whether this call's per-variable gradients of flat `buckets` (`grads[i]`: bucket
-        `buckets[i]`'s members', in offset order) go to `step` as they are (its program takes them
-        as gradient segments), else they are packed (`pack_gradients(..., compile=False)`). From
-        the second call, once `step`'s executable is compiled: in the background where this
-        process holds every gradient whole (the host packs meanwhile), else waited for."""
+    def gradients(self, buckets: Sequence[int], grads: Sequence[Sequence[Any]], segmented: Any = None
+                  ) -> tuple[bool, list[Any]]:
+        """What the step takes for flat `buckets`, from their members' gradients (`grads[i]`:
+        bucket `buckets[i]`'s, in offset order): (True, `grads` as they are) once `segmented`'s
+        program (it takes them as gradient segments) is built, else (False, one packed gradient per
+        bucket). While that program compiles, the host packs; if it cannot be built, one warning
+        and the packer serves from then on (an optimisation never stops training)."""
         key = ("segments", *buckets)
-        whole = self._whole_gradients(key, grads)
-        calls = self._calls[key] = self._calls.get(key, 0) + 1
-        if whole and calls == 1:  # a one-step process never pays for the compile
-            return False
-        from sgdgen.runtime import background, cpu_kernels
+        if segmented is None or key in self._failed:
+            return False, self.pack_gradients(buckets, grads)
+        from sgdgen.runtime import cpu_kernels
 
         def start() -> Any:  # the passes (MLIR) on this thread; XLA's compile in the background
-            cpu_kernels.rewrite(step.program.lowered_text)
-            return lambda: step.executable
+            cpu_kernels.rewrite(segmented.program.lowered_text)
+            return lambda: segmented.executable
 
-        if key in self._failed:
-            return False
         try:
-            return background.ready(("segments", self._token, key), start, wait=not whole,
-                                    store=self._programs) is not None
-        except Exception as e:  # an optimisation that cannot be built never stops training: pack instead
+            if self._helper(key, grads, start) is not None:
+                return True, list(grads)
+        except Exception as e:
             self._failed.add(key)
             warnings.warn(f"sgdgen: the step that takes the flat buckets' gradients as segments could not be built "
                           f"({type(e).__name__}: {e}); packing the gradients instead, as without sgdgen's CPU "
                           "kernels (SGDGEN_CPU_KERNELS=0 skips it)", RuntimeWarning, stacklevel=4)
-            return False
+            return False, self.pack_gradients(buckets, grads)
+        return False, self._host_pack(grads, self._shardings(buckets))
 
-    def _whole_gradients(self, key: tuple[Any, ...], grads: Sequence[Sequence[Any]]) -> bool:
-        """Whether this process holds every gradient whole (not so across processes), asked once per key."""
+    def _helper(self, key: tuple[Any, ...], grads: Sequence[Sequence[Any]], start: Any) -> Any:
+        """The helper program of `key` (a packer, a step taking segments), started by `start` (see
+        `background.ready`), or None while it is not there: never built in a one-step process, and
+        from the second call compiled in the background (hundreds of inputs: seconds) where this
+        process holds every gradient whole, else waited for (the host cannot pack across processes)."""
+        from sgdgen.runtime import background
+
         whole = self._whole.get(key)
-        if whole is None:
+        if whole is None:  # whether this process holds every gradient whole (not so across processes)
             whole = self._whole[key] = all(getattr(g, "is_fully_addressable", True) for gs in grads for g in gs)
-        return whole
+        calls = self._calls[key] = self._calls.get(key, 0) + 1
+        if whole and calls == 1:  # a one-step process never pays for the compile
+            return None
+        return background.ready((key[0], self._token, key), start, wait=not whole, store=self._programs)
 
-    def pack_gradients(self, buckets: Sequence[int], grads: Sequence[Sequence[Any]], *,
-                       compile: bool = True) -> list[Any]:
-        """The flat gradients of flat `buckets` from their members' gradients (`grads[i]`: bucket
-        `buckets[i]`'s, in offset order): one jitted call, compiled once per set of buckets. While
-        that program compiles (in the background, from the second call on: seconds for hundreds of
-        inputs), arrays this process holds whole are packed on the host instead (a concatenate of
-        NumPy views on CPU); without `compile` (the step takes segments once its own compile is
-        done), they always are."""
+    def _shardings(self, buckets: Sequence[int]) -> tuple[Any, ...]:
+        """The flat gradients' shardings of these buckets (computed once per set)."""
         key = tuple(buckets)
         shardings = self._grad_shardings.get(key)
         if shardings is None:
             shardings = self._grad_shardings[key] = tuple(self.abi.inputs[self.abi.index("gradient", b)].layout
                                                    .named_sharding() for b in key)
+        return shardings
+
+    def pack_gradients(self, buckets: Sequence[int], grads: Sequence[Sequence[Any]]) -> list[Any]:
+        """The flat gradients of flat `buckets` from their members' gradients (`grads[i]`: bucket
+        `buckets[i]`'s, in offset order): one jitted call, compiled once per set of buckets. While
+        that program is not there (`_helper`), arrays this process holds whole are packed on the
+        host instead (a concatenate of NumPy views on CPU)."""
+        from sgdgen.runtime import background
+
+        shardings = self._shardings(buckets)
         flat_in = [g for gs in grads for g in gs]
         sizes = tuple(len(g) for g in grads)
 
@@ -144,15 +154,10 @@ class Buckets:
             starts = np.cumsum((0, *sizes))
             return tuple(concat(flat[a:b], jnp) for a, b in zip(starts[:-1], starts[1:]))
 
-        whole = self._whole_gradients(key, grads)
-        calls = self._calls[key] = self._calls.get(key, 0) + 1
-        if whole and (calls == 1 or not compile):  # a one-step process never pays for the packer's compile
-            return self._host_pack(grads, shardings)
-        from sgdgen.runtime import background
         # SGD has checked every gradient against its variable (shape, dtype, layout): the buckets
         # and this object determine the program's inputs, so the key hashes nothing per variable
-        fn = background.compiled(("pack", self._token, key), pack, lambda: [background.abstract(g) for g in flat_in],
-                                 wait=not whole, store=self._programs, out_shardings=shardings)
+        fn = self._helper(("pack", *buckets), grads, background.jitted(
+            pack, lambda: [background.abstract(g) for g in flat_in], out_shardings=shardings))
         if fn is not None:
             return list(fn(*flat_in))
         return self._host_pack(grads, shardings)

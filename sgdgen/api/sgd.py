@@ -585,13 +585,12 @@ class SGD:
             step = self._steps[key] = Step(StepProgram(signature, specs, mesh if mesh is not None else self.mesh))
         return step
 
-    def _segment_step(self, plan: bucketing.BucketPlan, present: tuple[int, ...], config: SGDConfig) -> Step | None:
-        """The step over these buckets that takes each flat bucket's gradient as its members'
+    def _segment_step(self, plan: bucketing.BucketPlan, present: tuple[int, ...], step: Step) -> Step | None:
+        """`step` (over these buckets) taking each flat bucket's gradient as its members'
         gradients (`StepABI` gradient segments), where its kernels read them in place: CPU devices
         with sgdgen's kernels, no weight-update sharding; else None (the gradients are packed)."""
         from sgdgen.runtime import cpu_kernels
 
-        step = self._bucket_step(plan, present, config)
         if (step.abi.shard_update_over is not None or not cpu_kernels.available()
                 or not backend.on_cpu(backend.devices_for(step.program.mesh.device_ids))):
             return None
@@ -606,14 +605,14 @@ class SGD:
         """One step over the flat buckets (and the own buffers of `variables`), resolved once
         (buckets, step, owners, which gradient goes where): `run(grads, lr, flat_grads=None)` feeds
         the per-variable `grads` to the step that takes them as segments (`_segment_step`) or packs
-        them per flat bucket (`Buckets.pack_gradients`), or takes them flat (bucket -> array, from
+        them per flat bucket (`Buckets.gradients` decides), or takes them flat (bucket -> array, from
         `minimize`), runs the step and binds its results to the buffers (views invalidated); it
         costs O(buckets) beyond the gradients' arguments."""
         flat = self._flat
         plan = flat.plan
         present = self._present_buckets(plan, variables, self._tracked)
         step = self._bucket_step(plan, present, config)
-        segmented = self._segment_step(plan, present, config)  # None where packing is the way
+        segmented = self._segment_step(plan, present, step)  # None where packing is the way
         position = {v._unique_id: i for i, v in enumerate(variables)}
         packed_buckets = [b for b in present if flat.flat(b)]
         members = [[position[self._tracked[k]._unique_id] for k in plan.contents[b]] for b in packed_buckets]
@@ -644,12 +643,10 @@ class SGD:
             with self._lock:
                 chosen = step
                 if flat_grads is None:
-                    per_bucket = [[grads[i] for i in ks] for ks in members]
-                    if segmented is not None and flat.use_segments(packed_buckets, per_bucket, segmented):
-                        chosen, flat_grads = segmented, dict(zip(packed_buckets, per_bucket))  # taken as they are
-                    else:
-                        packed = flat.pack_gradients(packed_buckets, per_bucket, compile=segmented is None)
-                        flat_grads = dict(zip(packed_buckets, packed))
+                    as_segments, fed = flat.gradients(packed_buckets, [[grads[i] for i in ks] for ks in members],
+                                                      segmented)
+                    chosen = segmented if as_segments else step
+                    flat_grads = dict(zip(packed_buckets, fed))
                 else:  # from jax.grad over the buckets: laid out as the buckets are (a no-op put)
                     flat_grads = {b: backend.device_put(x, step.abi.slot("variable", present.index(b)).layout
                                                         .named_sharding()) for b, x in flat_grads.items()}

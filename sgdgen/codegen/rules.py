@@ -317,5 +317,5 @@ def emit_variables(s: Step) -> None:
 
 #: Every rule of the step, in SEMANTICS §4 order.
 RULES: tuple[Callable[[Step], None], ...] = (
-    emit_gradient_segments, emit_learning_rate, emit_overwrite_due, emit_nonfinite_count, emit_clipping, emit_variables, emit_counter,
-    emit_skip)
+    emit_gradient_segments, emit_learning_rate, emit_overwrite_due, emit_nonfinite_count, emit_clipping,
+    emit_variables, emit_counter, emit_skip)

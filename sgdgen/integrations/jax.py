@@ -199,7 +199,7 @@ class JaxStep:
                     "unreduced only over mesh axes its parameter is replicated on; reduce it first, e.g. "
                     f"jax.sharding.reshard(g, {spec.layout.partition_spec()})")
             unreduced.append(tuple(order))
-        return _variant(self.program, tuple(unreduced)) if any(unreduced) else self.program
+        return _variant(self.program, "unreduced_gradients", tuple(unreduced)) if any(unreduced) else self.program
 
     def _buffers(self, tree: Any, what: str) -> tuple[list[Any], bool]:
         """The program's per-buffer values of params or grads, and whether they came flat."""
@@ -252,7 +252,7 @@ class JaxStep:
                 return None
         plan = self.plan
         buffers = [leaves[c[0]] if plan.members[c[0]].own else [leaves[k] for k in c] for c in plan.contents]
-        return _segments(self.program, plan.gradient_segments()), buffers
+        return _variant(self.program, "gradient_segments", plan.gradient_segments()), buffers
 
     def _unpack(self, buffers: Sequence[Any]) -> list[Any]:
         """Per-leaf values of the buffers: static slices under a trace; eagerly, host views placed
@@ -361,17 +361,11 @@ class JaxStep:
 
 
 @functools.lru_cache(maxsize=64)
-def _segments(program: StepProgram, segments: tuple[Any, ...]) -> StepProgram:
-    """`program` taking each flat bucket's gradient as its members' (one object per key, so its
-    abi and lowered text are built once)."""
-    return dataclasses.replace(program, gradient_segments=segments)
-
-
-@functools.lru_cache(maxsize=64)
-def _variant(program: StepProgram, unreduced: tuple[tuple[str, ...], ...]) -> StepProgram:
-    """`program` taking gradients unreduced over `unreduced` (per variable); one object per key,
-    so its abi and lowered text are built once."""
-    return dataclasses.replace(program, unreduced_gradients=unreduced)
+def _variant(program: StepProgram, field: str, value: Any) -> StepProgram:
+    """`program` with its gradients' form `field` set to `value` (`unreduced_gradients`: per
+    variable, the axes its gradient arrives unreduced over; `gradient_segments`: the pieces a flat
+    bucket's gradient arrives in); one object per key, so its abi and lowered text are built once."""
+    return dataclasses.replace(program, **{field: value})
 
 
 def jax_step(config: Any = None, params_like: Any = None, *, mesh: Any = None, layouts: Any = None,

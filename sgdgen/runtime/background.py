@@ -29,6 +29,13 @@ def compiled(key: Hashable, fn: Callable[..., Any], like: Callable[[], Sequence[
     its background compile runs, unless `wait`. A failed compile raises here (to the caller that
     waits, or the next one that asks). `store`: where finished programs are kept (default: for
     the process); an owner passing its own dict frees them with it."""
+    return ready(key, jitted(fn, like, **jit_kwargs), wait=wait, store=store)
+
+
+def jitted(fn: Callable[..., Any], like: Callable[[], Sequence[Any]], **jit_kwargs: Any
+           ) -> Callable[[], Callable[[], Any]]:
+    """The `start` (for `ready`) of compiling `jax.jit(fn, **jit_kwargs)` for arguments like
+    `like()`: the trace's inputs made on the caller's thread, the compile in the background."""
 
     def start() -> Callable[[], Any]:
         import jax
@@ -37,7 +44,7 @@ def compiled(key: Hashable, fn: Callable[..., Any], like: Callable[[], Sequence[
         args = list(like())
         return lambda: program.lower(*args).compile()
 
-    return ready(key, start, wait=wait, store=store)
+    return start
 
 
 def ready(key: Hashable, start: Callable[[], Callable[[], Any]], *, wait: bool = False,
@@ -86,4 +93,4 @@ def abstract(x: Any) -> Any:
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
 
 
-__all__ = ["abstract", "compiled", "drain", "ready"]
+__all__ = ["abstract", "compiled", "drain", "jitted", "ready"]
