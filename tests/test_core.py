@@ -197,3 +197,30 @@ def test_a_donated_array_passed_twice_is_refused_before_anything_runs() -> None:
     assert not params[0].is_deleted()
     params, state = step.apply(state, [params[1], params[0]], grads, 0.1)  # swapped: distinct, so it runs
     assert int(np.asarray(state.iterations)) == 2
+
+
+@pytest.mark.parametrize("buckets", [False, True])
+def test_one_device_gradient_sharing_a_donated_buffer_is_copied(buckets: bool) -> None:
+    """On one device a checked gradient's buffer address is asked directly (not remembered):
+    a gradient that is a second jax.Array over a variable's own buffer (rebuilt from its shard)
+    still runs on a copy, and the step equals the same step fed a fresh gradient of equal value."""
+    import jax
+
+    def make() -> tuple[sgdgen.SGD, list[sgdgen.Variable]]:
+        vs = [sgdgen.Variable(np.full((512, 512), 0.5, np.float32), name="big"),  # its own buffer in buckets too
+              sgdgen.Variable(np.full(8, 0.25, np.float32), name="small")]
+        return sgdgen.SGD(0.1, momentum=0.9, buckets=buckets), vs
+
+    opt, vs = make()
+    ref, rvs = make()
+    for _ in range(3):
+        assert vs[0]._view is None  # the variable's own buffer, donated to the step
+        w = vs[0].value
+        alias = jax.make_array_from_single_device_arrays(w.shape, w.sharding, [s.data for s in w.addressable_shards])
+        small = jax.numpy.full(8, 0.125, np.float32)
+        assert alias is not w and alias.unsafe_buffer_pointer() == w.unsafe_buffer_pointer()
+        host = np.array(alias)
+        opt.apply_gradients([(alias, vs[0]), (small, vs[1])])
+        ref.apply_gradients([(jax.numpy.asarray(host), rvs[0]), (small, rvs[1])])
+    for a, b in zip(vs, rvs):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())

@@ -85,6 +85,8 @@ class StepExecutable:
         self._kept = tuple(k for k, d in enumerate(self.in_donated) if not d)  # arguments read, not donated
         self._unchecked: dict[frozenset[int], tuple[int, ...]] = {}  # prechecked positions -> the others
         self.in_sizes = [math.prod(s.shape) for s in self.abi.inputs]
+        # positions laid out on one device: a checked argument there has one buffer, asked directly
+        self._one_device = [len(s.device_set) == 1 for s in self.in_shardings]
         # id(array) -> (weakref to it, its shards' buffer addresses): the last call's results
         # (which own their donated arguments' buffers) and its non-donated arguments. Replaced
         # whole after each call (bounded by the argument count); an entry counts only while
@@ -205,12 +207,16 @@ class StepExecutable:
         """Each argument's shard buffer addresses (none for an empty array: it has no memory)."""
         known = self._known
         out: list[tuple[int, ...]] = []
-        for a, size in zip(args, self.in_sizes):
+        for a, size, one in zip(args, self.in_sizes, self._one_device):
             entry = known.get(id(a))
             if entry is not None and entry[0]() is a:
                 out.append(entry[1])
+            elif not size:
+                out.append(())
+            elif one:  # checked to have the position's one-device sharding: its one address, asked directly
+                out.append((a.unsafe_buffer_pointer(),))
             else:
-                out.append(backend.buffer_pointers(a) if size else ())
+                out.append(backend.buffer_pointers(a))
         return out
 
     def _shared(self, pointers: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
