@@ -124,6 +124,52 @@ def test_notes_state_each_target_met_or_missed() -> None:
     assert "1.50x faster than the best peer (target about 3x: MISSED)" in benchmark.notes(result)[1]
 
 
+def test_notes_on_a_gpu_state_its_targets_for_the_fastest_sgdgen_form() -> None:
+    """A model that ran on a GPU is judged by issue 15's GPU targets (few-large <= 1.05x,
+    many-small <= 1.5x the bound), for sgdgen's fastest form in that run."""
+    def row(ms: float) -> dict[str, float]:
+        return {"median_ms": ms, "x_bound": ms, "x_best_peer": ms / 2}
+
+    result = {"models": {
+        "few-large": {"platform": "gpu", "contenders": {"sgdgen": row(1.2), "sgdgen_jax_step": row(1.04),
+                                                        "optax": row(2.0), "bound": row(1.0)}},
+        "many-small": {"platform": "gpu", "contenders": {"sgdgen": row(3.0), "sgdgen_flat": row(1.6),
+                                                         "optax": row(2.0), "bound": row(1.0)}}}}
+    few, many = benchmark.notes(result)
+    assert few.endswith("gpu target <= 1.05x bound: fastest form sgdgen_jax_step 1.04x, met")
+    assert many.endswith("gpu target <= 1.5x bound: fastest form sgdgen_flat 1.60x, MISSED")
+
+
+def test_torch_runs_on_the_kind_of_device_jax_runs_on() -> None:
+    assert benchmark.torch_device("cpu", cuda=True) == "cpu"
+    assert benchmark.torch_device("gpu", cuda=True) == "cuda"
+    assert benchmark.torch_device("gpu", cuda=False) is None  # not compared across devices
+    assert benchmark.torch_device("tpu", cuda=False) is None
+
+
+def test_a_mesh_model_runs_on_host_devices_where_the_default_ones_are_too_few(monkeypatch: pytest.MonkeyPatch) -> None:
+    """8 simulated host devices always; the CPU platform forced only where the default
+    platform is another and has fewer devices than the mesh (one GPU), and the row says so."""
+    import jax
+
+    model = benchmark.models(quick=True)[benchmark.MESH_MODEL]
+    env = benchmark.mesh_child_env(model, {"XLA_FLAGS": "--xla_foo"})
+    assert env["XLA_FLAGS"] == "--xla_foo --xla_force_host_platform_device_count=8"
+    assert "JAX_PLATFORMS" not in env  # this machine's default devices are CPUs
+
+    class Gpu:
+        platform = "gpu"
+
+    monkeypatch.setattr(jax, "devices", lambda *a: [Gpu()])
+    monkeypatch.setattr(jax, "device_count", lambda *a: 1)
+    assert benchmark.mesh_child_env(model, {})["JAX_PLATFORMS"] == "cpu"
+    result = {"machine": {"platform": "gpu", "device": "NVIDIA H200", "cpu": "x86", "cores": 16}}
+    assert benchmark._elsewhere(result, {"platform": "cpu"}) == ", on cpu"
+    assert benchmark._elsewhere(result, {"platform": "gpu"}) == ""
+    assert benchmark.where(result["machine"]) == "NVIDIA H200 (gpu); host x86, 16 cores"
+    assert benchmark.where({"platform": "cpu", "cpu": "x86", "cores": 2}) == "x86, 2 cores"
+
+
 # ---- excess precision only where a 16-bit variable needs it ----------------------------
 
 def _program(dtypes: list[str], shape: tuple[int, ...] = (4, 4), **config: Any) -> Any:
