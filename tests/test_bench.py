@@ -78,6 +78,8 @@ def test_quick_json_has_every_model_contender_and_measurement(quick_run: tuple[d
 
 def test_quick_json_numbers_are_finite_and_not_negative(quick_run: tuple[dict[str, Any], Path]) -> None:
     result, _ = quick_run
+    for m in result["models"].values():
+        assert all(c["steps_per_round"] >= 1 for c in m["contenders"].values())
     # a difference (saved_ms) and a fitted exponent may have either sign
     numbers = _numbers({k: v for k, v in result.items() if k not in ("program", "scale")})
     numbers += _numbers({k: v for k, v in result["scale"].items() if not k.endswith("_exponent")})
@@ -102,6 +104,16 @@ def test_interleaved_rotates_the_order_and_summary_is_the_quartiles() -> None:
     s = benchmark.summary(ms)
     assert s["median_ms"] == np.median(ms)
     assert (s["p25_ms"], s["p75_ms"]) == tuple(np.percentile(ms, [25, 75]))
+
+
+def test_rounds_last_about_the_same_time_for_every_contender(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fast step runs more times a round (a round of ~50 ms, at most 10x `per_round`), a slow
+    one `per_round` times, one over 0.2 s once; each count is in the contender's row."""
+    took = {"fast": 0.002, "mid": 0.02, "tiny": 1e-7, "slow": 0.5}
+    clock = [0.0]
+    monkeypatch.setattr(benchmark.time, "perf_counter", lambda: clock[0])
+    steps = {n: (lambda n=n: clock.__setitem__(0, clock[0] + took[n])) for n in took}
+    assert benchmark._repeats(steps, per_round=5) == {"fast": 25, "mid": 5, "tiny": 50, "slow": 1}
 
 
 def test_notes_state_each_target_met_or_missed() -> None:

@@ -387,14 +387,22 @@ def interleaved(steps: dict[str, Callable[[], None]], rounds: int, per_round: in
     return times
 
 
-def _repeats(steps: dict[str, Callable[[], None]], per_round: int, slow_s: float = 0.2) -> dict[str, int]:
-    """`per_round` for each function, 1 for one whose (warm) step takes over `slow_s` seconds
-    (torch's fused CPU SGD on hundreds of tensors), so that it does not dominate the run."""
+def _repeats(steps: dict[str, Callable[[], None]], per_round: int, slow_s: float = 0.2,
+             round_s: float = 0.05) -> dict[str, int]:
+    """Steps per round for each function: enough for a round of about `round_s` seconds, at
+    least `per_round` and at most 10x that; 1 for one whose (warm) step takes over `slow_s`
+    (torch's fused CPU SGD on hundreds of tensors), so that it does not dominate the run.
+
+    A round of equal time, not of equal steps: the first steps after another contender ran
+    are slower (measured on many-small, `SGD(buckets=True)` after 5 torch steps: 4.5, 3.6, 3.0,
+    2.7, 2.5 ms, against 2.3 ms in a loop of its own), a cost per switch that rounds of 5 steps
+    charge a 2 ms step 5 times more, in proportion, than a 10 ms one."""
     reps = {}
     for n, f in steps.items():
         t0 = time.perf_counter()
         f()
-        reps[n] = 1 if time.perf_counter() - t0 > slow_s else per_round
+        took = time.perf_counter() - t0
+        reps[n] = 1 if took > slow_s else min(10 * per_round, max(per_round, math.ceil(round_s / max(took, 1e-6))))
     return reps
 
 
@@ -470,8 +478,9 @@ def bench_model(model: Model, *, rounds: int, per_round: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as art_dir:
         found, skipped = contenders(model, art_dir)
         steps = {n: c.step for n, c in found.items()}
-        times = interleaved(steps, rounds, _repeats(steps, per_round))
-    stats = {n: summary(t) for n, t in times.items()}
+        reps = _repeats(steps, per_round)
+        times = interleaved(steps, rounds, reps)
+    stats = {n: {**summary(t), "steps_per_round": reps[n]} for n, t in times.items()}
     bound = stats["bound"]["median_ms"]
     peers = [stats[p]["median_ms"] for p in PEERS if p in stats]
     best_peer = min(peers) if peers else None
