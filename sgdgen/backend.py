@@ -189,7 +189,7 @@ def _host_aval(shape: tuple[int, ...], dtype: np.dtype) -> Any:
     return shaped_array(shape, dtype)
 
 
-def buffer_pointers(array: Any) -> tuple[int, ...]:
+def buffer_pointers(array: Any, one_device: bool = False) -> tuple[int, ...]:
     """The device-memory address of each addressable shard of a jax.Array, in device order.
 
     Two arrays whose shards have one address share a buffer (an array rebuilt from another's
@@ -198,7 +198,10 @@ def buffer_pointers(array: Any) -> tuple[int, ...]:
     (the shards' single-device arrays, without `addressable_shards`' Shard objects) is a
     third of the cost, and an array on one device is asked directly (a quarter of that: this runs
     for every gradient of every step, 6,400 for a flat bucket's segments); the public path is the
-    fallback."""
+    fallback. `one_device`: the caller knows the array lives on one device (it checked its
+    sharding), so not even the sharding is read."""
+    if one_device:
+        return (array.unsafe_buffer_pointer(),)
     sharding = getattr(array, "sharding", None)
     if sharding is not None and len(sharding.device_set) == 1:
         return (array.unsafe_buffer_pointer(),)

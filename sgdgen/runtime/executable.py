@@ -211,12 +211,8 @@ class StepExecutable:
             entry = known.get(id(a))
             if entry is not None and entry[0]() is a:
                 out.append(entry[1])
-            elif not size:
-                out.append(())
-            elif one:  # checked to have the position's one-device sharding: its one address, asked directly
-                out.append((a.unsafe_buffer_pointer(),))
-            else:
-                out.append(backend.buffer_pointers(a))
+            else:  # checked to have the position's sharding: one device means one address, asked directly
+                out.append(backend.buffer_pointers(a, one) if size else ())
         return out
 
     def _shared(self, pointers: Sequence[tuple[int, ...]]) -> tuple[int, ...]:

@@ -261,6 +261,13 @@ def _keras(params: list[Any], grads: list[Any]) -> Contender:
     return _jit_contender(lambda ov, tv, g: opt.stateless_apply(ov, g, tv)[::-1], [opt_vars, params], (grads,), (0, 1))
 
 
+def _platform() -> str:
+    """The platform of jax's default devices ("cpu", "gpu", ...): where this process's contenders run."""
+    import jax
+
+    return jax.devices()[0].platform
+
+
 def torch_device(platform: str, cuda: bool) -> str | None:
     """Where torch runs beside jax's default `platform`: the same kind of device ("cpu", or
     "cuda" for a jax GPU when torch sees CUDA), else None (the peers would not share a device)."""
@@ -347,7 +354,7 @@ def contenders(model: Model, art_dir: str) -> tuple[dict[str, Contender], dict[s
         out["keras"] = _keras(put(init), grads)
     except (ImportError, RuntimeError) as e:
         skipped["keras"] = str(e)
-    platform = jax.devices()[0].platform
+    platform = _platform()
     if importlib.util.find_spec("torch") is None:
         skipped["torch_foreach"] = skipped["torch_fused"] = "torch is not installed (pip install 'sgdgen[bench]')"
     elif model.mesh:
@@ -511,10 +518,8 @@ def bench_model(model: Model, *, rounds: int, per_round: int) -> dict[str, Any]:
                 row["peak_over_state"] = (state_bytes + row["temp_bytes"]) / state_bytes
             hlo = _hlo(c)
             row["all_reduce"] = hlo.count("all-reduce(") + hlo.count("all-reduce-start(")
-    import jax
-
     return {"variables": len(model.shapes), "parameters": model.parameters, "mesh": model.mesh or "1 device",
-            "platform": jax.devices()[0].platform, "state_bytes": state_bytes, "contenders": stats,
+            "platform": _platform(), "state_bytes": state_bytes, "contenders": stats,
             "skipped": skipped}
 
 
@@ -771,7 +776,7 @@ def machine() -> dict[str, Any]:
             except Exception as e:  # a broken optional install is reported, not fatal
                 versions[mod] = f"unusable: {e}"
     return {"cpu": cpu, "cores": os.cpu_count(), "load_average": list(os.getloadavg()),
-            "device": jax.devices()[0].device_kind, "platform": jax.devices()[0].platform, "versions": versions}
+            "device": jax.devices()[0].device_kind, "platform": _platform(), "versions": versions}
 
 
 def mesh_child_env(model: Model, environ: Mapping[str, str]) -> dict[str, str]:
@@ -780,10 +785,11 @@ def mesh_child_env(model: Model, environ: Mapping[str, str]) -> dict[str, str]:
     platform (`JAX_PLATFORMS=cpu`): the model then runs on the host, which its table row says."""
     import jax
 
+    from sgdgen.frontend.spec import Mesh
+
     env = {"SGDGEN_CACHE_DIR": "", "XLA_FLAGS": (environ.get("XLA_FLAGS", "")
                                                  + " --xla_force_host_platform_device_count=8").strip()}
-    need = math.prod(int(x.split("=")[1]) for x in model.mesh.split(","))
-    if jax.devices()[0].platform != "cpu" and jax.device_count() < need:
+    if _platform() != "cpu" and jax.device_count() < Mesh.of(model.mesh).size:
         env["JAX_PLATFORMS"] = "cpu"
     return env
 
