@@ -95,11 +95,22 @@ def test_quick_run_writes_a_png(quick_run: tuple[dict[str, Any], Path]) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_interleaved_rotates_the_order_and_summary_is_the_quartiles() -> None:
-    calls: list[str] = []
-    times = benchmark.interleaved({n: (lambda n=n: calls.append(n)) for n in "abc"}, rounds=3, per_round=2)
-    assert calls == list("aabbcc" "bbccaa" "ccaabb")
-    assert all(len(t) == 3 for t in times.values())
+def test_interleaved_shuffles_the_order_each_round_and_summary_is_the_quartiles() -> None:
+    """Every round runs each function its steps in a row, in a seeded order of its own: no
+    function follows the same one every round (what a rotation did, and it biased the figures)."""
+    def order(seed: int) -> list[str]:
+        calls: list[str] = []
+        times = benchmark.interleaved({n: (lambda n=n: calls.append(n)) for n in "abcdefgh"}, rounds=9,
+                                      per_round=2, seed=seed)
+        assert all(len(t) == 9 for t in times.values())
+        return calls
+
+    calls = order(0)
+    assert calls == order(0) and calls != order(1)  # seeded: a rerun measures the same order
+    rounds = [calls[16 * r:16 * r + 16] for r in range(9)]
+    assert all(r[0::2] == r[1::2] and sorted(r[0::2]) == list("abcdefgh") for r in rounds)
+    before = {n: {r[0::2][i - 1] for r in rounds for i in range(1, 8) if r[0::2][i] == n} for n in "abcdefgh"}
+    assert all(len(p) > 1 for p in before.values()), before
     ms = [5.0, 1.0, 3.0, 9.0]
     s = benchmark.summary(ms)
     assert s["median_ms"] == np.median(ms)

@@ -2,8 +2,8 @@
 
 Every contender gets the same inputs (parameters and gradients from one seeded generator)
 and the same update: momentum 0.9, Nesterov, weight decay, global_clipnorm 1.0, EMA. The
-contenders run interleaved (each round runs every contender `steps` times, in a rotated
-order), so machine load hits them alike; the report is the median over rounds and the
+contenders run interleaved (each round runs every contender for about 50 ms, in an order
+shuffled each round), so machine load hits them alike; the report is the median over rounds and the
 25th-75th percentile spread, and ratios inside this one run:
 
 - sgdgen `SGD.apply_gradients`, the same step loaded from an artifact (`SGD.load_artifact`),
@@ -34,6 +34,7 @@ import json
 import math
 import os
 import platform
+import random
 import re
 import statistics
 import subprocess
@@ -378,14 +379,23 @@ def contenders(model: Model, art_dir: str) -> tuple[dict[str, Contender], dict[s
 
 # ---- measurement ----------------------------------------------------------------------
 
-def interleaved(steps: dict[str, Callable[[], None]], rounds: int, per_round: int | dict[str, int]
-                ) -> dict[str, list[float]]:
+def interleaved(steps: dict[str, Callable[[], None]], rounds: int, per_round: int | dict[str, int],
+                seed: int = 0) -> dict[str, list[float]]:
     """ms per step of each function, one figure per round; each round runs every function
-    `per_round` times (or `per_round[name]`), starting from a different one each round."""
+    `per_round` times (or `per_round[name]`), in an order shuffled each round (seeded).
+
+    Shuffled, not rotated: a rotation keeps each function's predecessor, and the first steps
+    after another contender are slower by an amount that depends on which one ran (its memory,
+    its threads): with a rotation `sgdgen` always followed `bound_flat` and `sgdgen_artifact`
+    always followed `sgdgen` (the same executable), which made the first 1.2-1.7 ms slower than
+    the second on few-large. Shuffled, each function follows a different one from round to round."""
     names = list(steps)
+    rng = random.Random(seed)
     times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(rounds):
-        for n in names[r % len(names):] + names[:r % len(names)]:
+    for _ in range(rounds):
+        order = names[:]
+        rng.shuffle(order)
+        for n in order:
             reps = per_round[n] if isinstance(per_round, dict) else per_round
             t0 = time.perf_counter()
             for _ in range(reps):
