@@ -161,11 +161,9 @@ def _sgdgen_apply(model: Model, init: list[np.ndarray], grads: list[Any], art_di
     flat_opt = sgdgen.SGD(**CONFIG, mesh=model.mesh or None, buckets=True)
     flat_pairs = list(zip(grads, flat_vars))
 
-    def flat_step() -> None:  # the step, waited for on the state it writes (buckets' buffers, own variables)
+    def flat_step() -> None:
         flat_opt.apply_gradients(flat_pairs)
-        buckets = flat_opt._flat.buffers if flat_opt._flat is not None else []
-        jax.block_until_ready([b.array for bs in buckets if bs for b in bs.values()]
-                              + [v.value for v in flat_vars if v._view is None])
+        jax.block_until_ready(_written(flat_opt, flat_vars))
 
     flat_read = runner(flat_opt, flat_vars)  # the step, then every variable read: views (what a forward pass pays)
     flat_read()
@@ -179,6 +177,14 @@ def _sgdgen_apply(model: Model, init: list[np.ndarray], grads: list[Any], art_di
     return {"sgdgen": Contender(step, sgdgen_exe=exe), "sgdgen_artifact": Contender(loaded_step, sgdgen_exe=exe),
             "sgdgen_buckets": Contender(flat_step, sgdgen_exe=flat_exe),
             "sgdgen_buckets_read": Contender(flat_read, sgdgen_exe=flat_exe)}
+
+
+def _written(opt: Any, variables: list[Any]) -> list[Any]:
+    """The arrays a step of `opt` writes: its flat buckets' buffers and the variables that keep
+    their own (what to wait on for a finished step; reading every view is a forward pass's work,
+    `sgdgen_buckets_read`)."""
+    buckets = opt._flat.buffers if opt._flat is not None else []
+    return [b.array for bs in buckets if bs for b in bs.values()] + [v.value for v in variables if v._view is None]
 
 
 def _jit_contender(update: Callable[..., Any], carry: list[Any], fixed: tuple[Any, ...],
@@ -724,7 +730,7 @@ def cold_start_child(mode: str, model: Model, art_dir: str) -> dict[str, float]:
         else:
             opt = sgdgen.SGD.load_artifact(os.path.join(art_dir, "buckets" if buckets else "plain"), variables)
         opt.apply_gradients(zip(grads, variables))
-        jax.block_until_ready([v.value for v in variables])
+        jax.block_until_ready(_written(opt, variables))  # as optax's child waits on what its step returns
     return {"first_step_s": time.perf_counter() - t0}
 
 
