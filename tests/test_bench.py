@@ -117,6 +117,28 @@ def test_interleaved_shuffles_the_order_each_round_and_summary_is_the_quartiles(
     assert (s["p25_ms"], s["p75_ms"]) == tuple(np.percentile(ms, [25, 75]))
 
 
+def test_cold_start_runs_its_processes_in_shuffled_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each round starts one process per mode, in an order of its own, so that a slow spell of the
+    machine does not fall on all of one mode's processes; each figure is the median of its mode's."""
+    started: list[str] = []
+
+    def child(args: list[str], env: dict[str, str] | None = None) -> tuple[dict[str, Any], float]:
+        mode = args[args.index("--cold") + 1]
+        started.append(mode)
+        return {"first_step_s": float(len(started))}, 10.0 * len(started)
+
+    monkeypatch.setattr(benchmark, "_child", child)
+    out = benchmark.cold_start(benchmark.Model("tiny", ((4, 3), (5,))), quick=True, repeats=3)
+    modes = len(benchmark.COLD_MODES)
+    rounds = [started[modes * r:modes * r + modes] for r in range(3)]
+    assert all(sorted(r) == sorted(benchmark.COLD_MODES) for r in rounds), rounds
+    assert len({tuple(r) for r in rounds}) > 1  # not the same order every round
+    for mode in benchmark.COLD_MODES:
+        at = [i + 1 for i, m in enumerate(started) if m == mode]
+        assert out[mode] == {"first_step_s": float(np.median(at)), "process_s": 10.0 * np.median(at), "runs": 3}
+    assert out["optax_over_load_buckets"] == out["optax"]["first_step_s"] / out["load_buckets"]["first_step_s"]
+
+
 def test_rounds_last_about_the_same_time_for_every_contender(monkeypatch: pytest.MonkeyPatch) -> None:
     """A fast step runs more times a round (a round of ~50 ms, at most 10x `per_round`), a slow
     one `per_round` times, one over 0.2 s once; each count is in the contender's row."""
@@ -270,3 +292,12 @@ def test_ffi_kernel_bytes_count_each_calls_operands_and_results() -> None:
 }"""
     mib = 1 << 22  # one f32[1024,1024]
     assert benchmark._ffi_bytes(hlo) == (16 + 2 * mib) + (mib + 2 * mib + 4)  # results + operands, per call
+
+
+def test_plot_gives_every_column_a_look_of_its_own() -> None:
+    """The plot's legend tells the columns apart: no two share colour and hatch (a 10-colour cycle
+    over 13 columns once drew `sgdgen` and `torch_fused` alike)."""
+    from matplotlib.colors import to_rgba
+
+    looks = {(to_rgba(s["color"]), s.get("hatch")) for s in map(benchmark._style, benchmark.COLUMNS)}
+    assert len(looks) == len(benchmark.COLUMNS)

@@ -41,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -385,22 +385,29 @@ def contenders(model: Model, art_dir: str) -> tuple[dict[str, Contender], dict[s
 
 # ---- measurement ----------------------------------------------------------------------
 
-def interleaved(steps: dict[str, Callable[[], None]], rounds: int, per_round: int | dict[str, int],
-                seed: int = 0) -> dict[str, list[float]]:
-    """ms per step of each function, one figure per round; each round runs every function
-    `per_round` times (or `per_round[name]`), in an order shuffled each round (seeded).
+def shuffled_rounds(names: Sequence[str], rounds: int, seed: int = 0) -> Iterator[list[str]]:
+    """`rounds` orders of `names`, each shuffled anew (seeded): what every interleaved
+    measurement here runs in.
 
-    Shuffled, not rotated: a rotation keeps each function's predecessor, and the first steps
+    Shuffled, not rotated: a rotation keeps each contender's predecessor, and the first steps
     after another contender are slower by an amount that depends on which one ran (its memory,
     its threads): with a rotation `sgdgen` always followed `bound_flat` and `sgdgen_artifact`
     always followed `sgdgen` (the same executable), which made the first 1.2-1.7 ms slower than
-    the second on few-large. Shuffled, each function follows a different one from round to round."""
-    names = list(steps)
+    the second on few-large. Shuffled, each one follows a different one from round to round, and
+    a slow spell of the machine hits a different one each round."""
     rng = random.Random(seed)
-    times: dict[str, list[float]] = {n: [] for n in names}
     for _ in range(rounds):
-        order = names[:]
+        order = list(names)
         rng.shuffle(order)
+        yield order
+
+
+def interleaved(steps: dict[str, Callable[[], None]], rounds: int, per_round: int | dict[str, int],
+                seed: int = 0) -> dict[str, list[float]]:
+    """ms per step of each function, one figure per round; each round runs every function
+    `per_round` times (or `per_round[name]`), in an order shuffled each round (`shuffled_rounds`)."""
+    times: dict[str, list[float]] = {n: [] for n in steps}
+    for order in shuffled_rounds(list(steps), rounds, seed):
         for n in order:
             reps = per_round[n] if isinstance(per_round, dict) else per_round
             t0 = time.perf_counter()
@@ -748,7 +755,10 @@ def _child(args: list[str], env: dict[str, str] | None = None) -> tuple[dict[str
 def cold_start(model: Model, quick: bool, repeats: int) -> dict[str, Any]:
     """Median over `repeats` new processes of each way to a first step (COLD_MODES): sgdgen
     compiling from source (no on-disk cache) or loading an artifact, with and without flat
-    buckets, and optax's trace + compile + step."""
+    buckets, and optax's trace + compile + step. The processes run in `repeats` rounds of one
+    per mode, shuffled (`shuffled_rounds`): a slow spell of the machine (optax's cold start
+    ranged 3.5-4.6 s between runs on one VM) then falls on a different mode each round instead
+    of on all of one mode's processes."""
     import sgdgen
 
     out: dict[str, Any] = {"model": model.name}
@@ -758,11 +768,14 @@ def cold_start(model: Model, quick: bool, repeats: int) -> dict[str, Any]:
             opt = sgdgen.SGD(**CONFIG, buckets=buckets)
             opt.build([sgdgen.Variable(x, name=f"v{i}") for i, x in enumerate(init)])
             opt.save_artifact(os.path.join(art_dir, "buckets" if buckets else "plain"))
-        for mode in COLD_MODES:
-            runs = [_child(["--cold", mode, "--model", model.name, "--artifact", art_dir] + (["--quick"] if quick else []),
-                           {"SGDGEN_CACHE_DIR": ""}) for _ in range(repeats)]
-            out[mode] = {"first_step_s": statistics.median(r["first_step_s"] for r, _ in runs),
-                         "process_s": statistics.median(w for _, w in runs)}
+        runs: dict[str, list[tuple[dict[str, Any], float]]] = {mode: [] for mode in COLD_MODES}
+        for order in shuffled_rounds(COLD_MODES, repeats):
+            for mode in order:
+                runs[mode].append(_child(["--cold", mode, "--model", model.name, "--artifact", art_dir]
+                                         + (["--quick"] if quick else []), {"SGDGEN_CACHE_DIR": ""}))
+        for mode, done in runs.items():
+            out[mode] = {"first_step_s": statistics.median(r["first_step_s"] for r, _ in done),
+                         "process_s": statistics.median(w for _, w in done), "runs": len(done)}
     out["optax_over_load"] = out["optax"]["first_step_s"] / out["load"]["first_step_s"]
     out["optax_over_load_buckets"] = out["optax"]["first_step_s"] / out["load_buckets"]["first_step_s"]
     out["compile_over_optax"] = out["compile"]["first_step_s"] / out["optax"]["first_step_s"]
@@ -853,7 +866,7 @@ def _run(quick: bool, rounds: int | None, per_round: int | None, only: list[str]
         result["scale"] = scale(sizes, runs=1 if quick else 2)
     if not only or "cold" in only:
         log("cold start (new processes)")
-        result["cold_start"] = cold_start(all_models["many-small"], quick, 1 if quick else 3)
+        result["cold_start"] = cold_start(all_models["many-small"], quick, 1 if quick else 5)
     return result
 
 
@@ -984,6 +997,19 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _style(column: str) -> dict[str, Any]:
+    """A bar's look: sgdgen's forms in blues and greens, the peers in warm colours, the bounds grey
+    and hatched, so that no two of the columns share a colour."""
+    import matplotlib.pyplot as plt
+
+    if column.startswith("bound"):
+        return {"color": ("0.55", "0.8")[column != "bound"], "hatch": "//", "edgecolor": "0.3"}
+    ours = [c for c in COLUMNS if c.startswith("sgdgen")]
+    if column in ours:
+        return {"color": plt.get_cmap("viridis")(0.1 + 0.75 * ours.index(column) / max(len(ours) - 1, 1))}
+    return {"color": plt.get_cmap("autumn")(0.15 + 0.7 * PEERS.index(column) / max(len(PEERS) - 1, 1))}
+
+
 def plot(result: dict[str, Any], path: str | os.PathLike[str]) -> None:
     """Bars of each contender's median step time over the bound's, per model (PNG)."""
     import matplotlib
@@ -992,20 +1018,19 @@ def plot(result: dict[str, Any], path: str | os.PathLike[str]) -> None:
     import matplotlib.pyplot as plt
 
     names = list(result["models"])
-    fig, ax = plt.subplots(figsize=(11, 4.5))
+    fig, ax = plt.subplots(figsize=(13, 4.8))
     width = 0.8 / len(COLUMNS)
-    colors = plt.get_cmap("tab10").colors
     for k, c in enumerate(COLUMNS):
         xs = [i + k * width for i, n in enumerate(names) if c in result["models"][n]["contenders"]]
         ys = [result["models"][n]["contenders"][c]["x_bound"] for n in names if c in result["models"][n]["contenders"]]
         if xs:
-            ax.bar(xs, ys, width, label=c, color=colors[k % len(colors)])
+            ax.bar(xs, ys, width, label=c, **_style(c))
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_yscale("log")
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names)
     ax.set_ylabel("step time / bound (log scale, lower is better)")
     ax.set_title(f"{result['command']} - {where(result['machine'])}")
-    ax.legend(ncol=4, fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
