@@ -299,5 +299,7 @@ def test_plot_gives_every_column_a_look_of_its_own() -> None:
     over 13 columns once drew `sgdgen` and `torch_fused` alike)."""
     from matplotlib.colors import to_rgba
 
-    looks = {(to_rgba(s["color"]), s.get("hatch")) for s in map(benchmark._style, benchmark.COLUMNS)}
+    styles = benchmark._styles()
+    assert set(styles) == set(benchmark.COLUMNS)
+    looks = {(to_rgba(s["color"]), s.get("hatch")) for s in styles.values()}
     assert len(looks) == len(benchmark.COLUMNS)

@@ -769,10 +769,10 @@ def cold_start(model: Model, quick: bool, repeats: int) -> dict[str, Any]:
             opt.build([sgdgen.Variable(x, name=f"v{i}") for i, x in enumerate(init)])
             opt.save_artifact(os.path.join(art_dir, "buckets" if buckets else "plain"))
         runs: dict[str, list[tuple[dict[str, Any], float]]] = {mode: [] for mode in COLD_MODES}
+        common = ["--model", model.name, "--artifact", art_dir] + (["--quick"] if quick else [])
         for order in shuffled_rounds(COLD_MODES, repeats):
             for mode in order:
-                runs[mode].append(_child(["--cold", mode, "--model", model.name, "--artifact", art_dir]
-                                         + (["--quick"] if quick else []), {"SGDGEN_CACHE_DIR": ""}))
+                runs[mode].append(_child(["--cold", mode, *common], {"SGDGEN_CACHE_DIR": ""}))
         for mode, done in runs.items():
             out[mode] = {"first_step_s": statistics.median(r["first_step_s"] for r, _ in done),
                          "process_s": statistics.median(w for _, w in done), "runs": len(done)}
@@ -947,8 +947,10 @@ def notes(result: dict[str, Any]) -> list[str]:
     return out
 
 
-COLUMNS = ("sgdgen", "sgdgen_artifact", "sgdgen_buckets", "sgdgen_buckets_read", "sgdgen_jax_step", "sgdgen_flat",
-           "sgdgen_flat_leaves", "optax", "keras", "torch_foreach", "torch_fused", "bound", "bound_flat")
+OURS = ("sgdgen", "sgdgen_artifact", "sgdgen_buckets", "sgdgen_buckets_read", "sgdgen_jax_step", "sgdgen_flat",
+        "sgdgen_flat_leaves")
+BOUNDS = ("bound", "bound_flat")
+COLUMNS = OURS + PEERS + BOUNDS
 
 
 def where(machine: dict[str, Any]) -> str:
@@ -997,17 +999,16 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _style(column: str) -> dict[str, Any]:
-    """A bar's look: sgdgen's forms in blues and greens, the peers in warm colours, the bounds grey
-    and hatched, so that no two of the columns share a colour."""
+def _styles() -> dict[str, dict[str, Any]]:
+    """Each column's bar look: sgdgen's forms in blues and greens, the peers in warm colours, the
+    bounds grey and hatched, so that no two of the columns look alike."""
     import matplotlib.pyplot as plt
 
-    if column.startswith("bound"):
-        return {"color": ("0.55", "0.8")[column != "bound"], "hatch": "//", "edgecolor": "0.3"}
-    ours = [c for c in COLUMNS if c.startswith("sgdgen")]
-    if column in ours:
-        return {"color": plt.get_cmap("viridis")(0.1 + 0.75 * ours.index(column) / max(len(ours) - 1, 1))}
-    return {"color": plt.get_cmap("autumn")(0.15 + 0.7 * PEERS.index(column) / max(len(PEERS) - 1, 1))}
+    def spread(cmap: str, names: Sequence[str], lo: float, span: float) -> dict[str, dict[str, Any]]:
+        return {n: {"color": plt.get_cmap(cmap)(lo + span * i / max(len(names) - 1, 1))} for i, n in enumerate(names)}
+
+    bounds = {n: {"color": grey, "hatch": "//", "edgecolor": "0.3"} for n, grey in zip(BOUNDS, ("0.55", "0.8"))}
+    return {**spread("viridis", OURS, 0.1, 0.75), **spread("autumn", PEERS, 0.15, 0.7), **bounds}
 
 
 def plot(result: dict[str, Any], path: str | os.PathLike[str]) -> None:
@@ -1020,11 +1021,12 @@ def plot(result: dict[str, Any], path: str | os.PathLike[str]) -> None:
     names = list(result["models"])
     fig, ax = plt.subplots(figsize=(13, 4.8))
     width = 0.8 / len(COLUMNS)
+    styles = _styles()
     for k, c in enumerate(COLUMNS):
         xs = [i + k * width for i, n in enumerate(names) if c in result["models"][n]["contenders"]]
         ys = [result["models"][n]["contenders"][c]["x_bound"] for n in names if c in result["models"][n]["contenders"]]
         if xs:
-            ax.bar(xs, ys, width, label=c, **_style(c))
+            ax.bar(xs, ys, width, label=c, **styles[c])
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_yscale("log")
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names)
